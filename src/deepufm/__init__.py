@@ -1,0 +1,14 @@
+"""deepufm: deep unconstrained feature models, their curvature matrices and closed-form theory.
+
+Garrod & Keating, "Unifying Low Dimensional Observations in Deep Learning through the Deep Linear
+Unconstrained Feature Model" (arXiv 2404.06106). Data flows one way through the subpackages:
+``models`` -> ``training`` (trained state) -> ``matrices`` -> spectra -> ``metrics`` ->
+``experiments`` (figures and report). ``theory`` holds the closed-form predictions.
+"""
+
+from deepufm.errors import ConfigError, DeepUFMError, DivergenceError
+from deepufm.models import DeepUFM, UFMConfig
+
+__version__ = "0.1.0"
+
+__all__ = ["ConfigError", "DeepUFM", "DeepUFMError", "DivergenceError", "UFMConfig", "__version__"]

@@ -1,0 +1,5 @@
+import sys
+
+from deepufm.cli import main
+
+sys.exit(main())

@@ -1,0 +1,43 @@
+"""Errors raised for bad input and failed runs.
+
+Every user-facing error names the parameter, its value and the valid range; the CLI prints the
+message as one paragraph (no traceback) and exits with a non-zero status.
+"""
+
+from __future__ import annotations
+
+
+class DeepUFMError(Exception):
+    """Base class of every error deepufm raises on purpose."""
+
+
+class ConfigError(DeepUFMError, ValueError):
+    """A parameter outside its valid range.
+
+    Args:
+        param: the parameter's name as the user spells it (``"K"``, ``"lam_W"``, ``"--lr"``).
+        value: the offending value.
+        valid: what would have been accepted (``"an integer >= 2"``).
+        detail: optional extra sentence(s).
+    """
+
+    def __init__(self, param: str, value: object, valid: str, detail: str = "") -> None:
+        self.param, self.value, self.valid = param, value, valid
+        msg = f"invalid {param}={value!r}: expected {valid}."
+        if detail:
+            msg += " " + detail
+        super().__init__(msg)
+
+
+class DivergenceError(DeepUFMError, RuntimeError):
+    """Training produced a non-finite loss or gradient."""
+
+    def __init__(self, epoch: int, lr: float, detail: str = "") -> None:
+        self.epoch, self.lr = epoch, lr
+        msg = (
+            f"training diverged at epoch {epoch} with lr={lr!r}: the loss or gradient became "
+            f"non-finite. Lower the learning rate (--lr)."
+        )
+        if detail:
+            msg += " " + detail
+        super().__init__(msg)

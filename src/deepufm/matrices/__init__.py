@@ -1,0 +1,1 @@
+"""The deep-learning matrices of the paper (THEORY §5), exact and structured where possible."""

@@ -1,0 +1,190 @@
+"""`UFMConfig`: every hyperparameter of a deep unconstrained feature model (THEORY §1, §3)."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, fields
+from typing import Any
+
+import torch
+
+from deepufm.errors import ConfigError
+
+ACTIVATIONS = ("linear", "relu")
+LOSSES = ("mse", "ce")
+DTYPES = {"float64": torch.float64, "float32": torch.float32}
+DEFAULT_LAM = 1e-2
+
+
+def _check_int(name: str, value: Any, minimum: int, valid: str | None = None) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ConfigError(name, value, valid or f"an integer >= {minimum}")
+
+
+def _check_nonneg(name: str, value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise ConfigError(name, value, "a finite number >= 0")
+    if not math.isfinite(value) or value < 0:
+        raise ConfigError(name, value, "a finite number >= 0")
+    return float(value)
+
+
+@dataclass(frozen=True)
+class UFMConfig:
+    """Hyperparameters of a deep UFM.
+
+    Regularisation is given either as one ``lam`` (v2: every ``W_l`` and ``H_1``), or as per-layer
+    ``lam_W`` (a scalar or a list of ``L`` values) plus ``lam_H`` (v1). After construction the three
+    fields are always consistent: ``lam_W`` is a tuple of ``L`` floats and ``lam_H`` a float, and
+    ``lam`` is the common value when one was given (else ``None``). With none given, ``lam`` is
+    ``DEFAULT_LAM``.
+
+    Attributes:
+        K: classes (>= 2). n: samples per class (>= 1). d: width (>= K). L: weight layers (>= 1).
+        activation: ``"linear"`` or ``"relu"`` (on the pre-activations of layers 2..L).
+        loss: ``"mse"`` or ``"ce"``.
+        init_std: standard deviation of the i.i.d. normal initialisation; default ``1/sqrt(d)``.
+        dtype: ``"float64"`` (default) or ``"float32"``.
+        device: ``"auto"`` (CUDA when present), ``"cpu"``, ``"cuda"``, ``"cuda:1"``, ...
+        seed: seed of the initialisation.
+    """
+
+    K: int = 3
+    n: int = 40
+    d: int = 60
+    L: int = 5
+    activation: str = "linear"
+    loss: str = "mse"
+    lam: float | None = None
+    lam_W: Any = None
+    lam_H: float | None = None
+    init_std: float | None = None
+    dtype: str = "float64"
+    device: str = "auto"
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        _check_int("K", self.K, 2)
+        _check_int("n", self.n, 1)
+        _check_int("L", self.L, 1)
+        if isinstance(self.d, bool) or not isinstance(self.d, int) or self.d < self.K:
+            raise ConfigError(
+                "d", self.d, f"an integer >= K={self.K} (the width must hold K classes)"
+            )
+        if self.activation not in ACTIVATIONS:
+            raise ConfigError("activation", self.activation, f"one of {', '.join(ACTIVATIONS)}")
+        if self.loss not in LOSSES:
+            raise ConfigError("loss", self.loss, f"one of {', '.join(LOSSES)}")
+        if self.dtype not in DTYPES:
+            raise ConfigError("dtype", self.dtype, f"one of {', '.join(DTYPES)}")
+        _check_int("seed", self.seed, 0)
+        if not isinstance(self.device, str) or not self.device:
+            raise ConfigError("device", self.device, "a torch device string such as cpu or cuda")
+        init_std = 1.0 / math.sqrt(self.d) if self.init_std is None else self.init_std
+        if _check_nonneg("init_std", init_std) == 0:
+            raise ConfigError("init_std", init_std, "a finite number > 0")
+        object.__setattr__(self, "init_std", float(init_std))
+        self._resolve_regularisation()
+
+    def _resolve_regularisation(self) -> None:
+        lam, lam_W, lam_H = self.lam, self.lam_W, self.lam_H
+        if lam is None and lam_W is None and lam_H is None:
+            lam = DEFAULT_LAM
+        if lam is not None:
+            lam = _check_nonneg("lam", lam)
+            common_W = (lam,) * self.L
+            given_W = None if lam_W is None else self._layer_lams(lam_W)
+            if (given_W is not None and given_W != common_W) or (
+                lam_H is not None and float(lam_H) != lam
+            ):
+                raise ConfigError(
+                    "lam", lam, "either one lam (v2) or lam_W plus lam_H (v1), not both"
+                )
+            lam_W, lam_H = common_W, lam
+        else:
+            if lam_W is None or lam_H is None:
+                missing = "lam_W" if lam_W is None else "lam_H"
+                raise ConfigError(missing, None, "a value: lam_W and lam_H are given together")
+            lam_W = self._layer_lams(lam_W)
+            lam_H = _check_nonneg("lam_H", lam_H)
+        object.__setattr__(self, "lam", lam)
+        object.__setattr__(self, "lam_W", lam_W)
+        object.__setattr__(self, "lam_H", lam_H)
+
+    def _layer_lams(self, lam_W: Any) -> tuple[float, ...]:
+        if isinstance(lam_W, list | tuple):
+            if len(lam_W) != self.L:
+                raise ConfigError("lam_W", list(lam_W), f"a scalar or a list of L={self.L} values")
+            return tuple(_check_nonneg(f"lam_W[{i}]", v) for i, v in enumerate(lam_W))
+        return (_check_nonneg("lam_W", lam_W),) * self.L
+
+    # -- derived quantities ------------------------------------------------------------------
+    @property
+    def N(self) -> int:
+        """Number of samples, ``K * n``."""
+        return self.K * self.n
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return DTYPES[self.dtype]
+
+    @property
+    def torch_device(self) -> torch.device:
+        return resolve_device(self.device)
+
+    def layer_shapes(self) -> list[tuple[int, int]]:
+        """Shapes of ``W_1 .. W_L``: ``(d, d)`` for hidden layers, ``(K, d)`` for the last."""
+        return [(self.d, self.d)] * (self.L - 1) + [(self.K, self.d)]
+
+    # -- serialisation -----------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        out = asdict(self)
+        out["lam_W"] = list(self.lam_W)
+        return out
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], source: str = "config") -> UFMConfig:
+        """Build from a mapping (TOML, JSON); unknown keys and wrong types name the key."""
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ConfigError(
+                f"{source} key {unknown[0]!r}",
+                data[unknown[0]],
+                f"one of {', '.join(sorted(known))}",
+            )
+        for key, value in data.items():
+            _check_type(key, value, source)
+        return cls(**data)
+
+
+_INT_KEYS = {"K", "n", "d", "L", "seed"}
+_STR_KEYS = {"activation", "loss", "dtype", "device"}
+
+
+def _check_type(key: str, value: Any, source: str) -> None:
+    name = f"{source} key {key!r}"
+    if value is None:
+        return
+    if key in _INT_KEYS:
+        ok, want = isinstance(value, int) and not isinstance(value, bool), "an integer"
+    elif key in _STR_KEYS:
+        ok, want = isinstance(value, str), "a string"
+    elif key == "lam_W":
+        items = value if isinstance(value, list | tuple) else [value]
+        ok = all(isinstance(v, int | float) and not isinstance(v, bool) for v in items)
+        want = "a number or a list of numbers"
+    else:
+        ok, want = isinstance(value, int | float) and not isinstance(value, bool), "a number"
+    if not ok:
+        raise ConfigError(name, value, f"{want} (got {type(value).__name__})")
+
+
+def resolve_device(device: str) -> torch.device:
+    """``"auto"`` -> CUDA when available, else CPU; anything else is passed to ``torch.device``."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        return torch.device(device)
+    except (RuntimeError, ValueError) as exc:
+        raise ConfigError("device", device, "auto, cpu, cuda or cuda:<index>") from exc

@@ -1,0 +1,126 @@
+"""`DeepUFM`: the state of a deep unconstrained feature model (THEORY §1, §3)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+from deepufm.models import functional as Fn
+from deepufm.models.config import UFMConfig
+
+
+@dataclass
+class DeepUFM:
+    """Parameters of a deep UFM together with their configuration.
+
+    Attributes:
+        config: the hyperparameters.
+        H1: unconstrained features, ``(d, N)``, class-major columns.
+        W: ``[W_1, ..., W_L]``; ``W_l`` is ``(d, d)`` for ``l < L`` and ``W_L`` is ``(K, d)``.
+
+    Layer ``l`` is the weight ``W_l``; its input features are ``H_l`` (``features()[l-1]``).
+    """
+
+    config: UFMConfig
+    H1: Tensor
+    W: list[Tensor] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        cfg = self.config
+        if tuple(self.H1.shape) != (cfg.d, cfg.N):
+            raise ValueError(f"H1 has shape {tuple(self.H1.shape)}, expected {(cfg.d, cfg.N)}")
+        shapes = [tuple(W.shape) for W in self.W]
+        if shapes != cfg.layer_shapes():
+            raise ValueError(f"W has shapes {shapes}, expected {cfg.layer_shapes()}")
+
+    @classmethod
+    def init(cls, config: UFMConfig, device: torch.device | str | None = None) -> DeepUFM:
+        """I.i.d. ``N(0, init_std^2)`` parameters drawn on the CPU from ``config.seed``.
+
+        Drawing on the CPU makes the initial point independent of the device it then moves to.
+        """
+        gen = torch.Generator().manual_seed(config.seed)
+        dtype = config.torch_dtype
+        device = config.torch_device if device is None else torch.device(device)
+
+        def draw(shape: tuple[int, int]) -> Tensor:
+            return (torch.randn(shape, generator=gen, dtype=dtype) * config.init_std).to(device)
+
+        H1 = draw((config.d, config.N))
+        return cls(config, H1, [draw(s) for s in config.layer_shapes()])
+
+    # -- views ---------------------------------------------------------------------------------
+    @property
+    def params(self) -> list[Tensor]:
+        """``[H1, W_1, ..., W_L]``."""
+        return [self.H1, *self.W]
+
+    def labels(self) -> Tensor:
+        """``Y``: ``(K, N)``."""
+        cfg = self.config
+        return Fn.labels(cfg.K, cfg.n, self.H1.dtype, self.H1.device)
+
+    def features(self) -> list[Tensor]:
+        """``[H_1, ..., H_L, Z]``."""
+        return Fn.forward(self.H1, self.W, self.config.activation)
+
+    def preactivations(self) -> list[Tensor]:
+        """``[U_2, ..., U_{L+1}]``, ``U_{l+1} = W_l H_l``."""
+        return Fn.preactivations(self.H1, self.W, self.config.activation)
+
+    def output(self) -> Tensor:
+        """Logits ``Z``: ``(K, N)``."""
+        return self.features()[-1]
+
+    # -- objective -----------------------------------------------------------------------------
+    def data_loss(self) -> Tensor:
+        cfg = self.config
+        return Fn.data_loss(self.output(), cfg.loss, cfg.K, cfg.n)
+
+    def regulariser(self) -> Tensor:
+        return Fn.regulariser(self.H1, self.W, self.config.lam_W, self.config.lam_H)
+
+    def total_loss(self) -> Tensor:
+        return self.data_loss() + self.regulariser()
+
+    def loss_fn(self):
+        """The objective as a pure function ``(H1, Ws) -> scalar`` for ``torch.func``."""
+        cfg = self.config
+
+        def fn(H1: Tensor, Ws: list[Tensor]) -> Tensor:
+            return Fn.total_loss(
+                H1,
+                Ws,
+                K=cfg.K,
+                n=cfg.n,
+                activation=cfg.activation,
+                loss=cfg.loss,
+                lam_W=cfg.lam_W,
+                lam_H=cfg.lam_H,
+            )
+
+        return fn
+
+    # -- conversion ----------------------------------------------------------------------------
+    def to(self, device=None, dtype=None) -> DeepUFM:
+        move = lambda t: t.to(device=device, dtype=dtype)  # noqa: E731
+        return DeepUFM(self.config, move(self.H1), [move(W) for W in self.W])
+
+    def clone(self) -> DeepUFM:
+        return DeepUFM(self.config, self.H1.clone(), [W.clone() for W in self.W])
+
+    def state_arrays(self) -> dict[str, Tensor]:
+        """``{"H1": H1, "W1": W_1, ..., "WL": W_L}`` (the names of ``params.npz``)."""
+        out = {"H1": self.H1}
+        out.update({f"W{l}": W for l, W in enumerate(self.W, start=1)})
+        return out
+
+    @classmethod
+    def from_arrays(cls, config: UFMConfig, arrays, device=None) -> DeepUFM:
+        """Inverse of :meth:`state_arrays`; accepts tensors or NumPy arrays (e.g. ``params.npz``)."""
+        dtype = config.torch_dtype
+        device = config.torch_device if device is None else torch.device(device)
+        get = lambda k: torch.as_tensor(arrays[k]).to(device=device, dtype=dtype)  # noqa: E731
+        return cls(config, get("H1"), [get(f"W{l}") for l in range(1, config.L + 1)])

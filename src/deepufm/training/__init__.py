@@ -1,0 +1,1 @@
+"""Training deep UFMs to collapse: fast full-batch gradient descent, probes, checkpoints, resume."""

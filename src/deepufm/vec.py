@@ -1,0 +1,40 @@
+"""The vec convention, stated once and used everywhere (THEORY §2).
+
+vec is **row-major**: for ``W`` of shape ``(p, q)``, ``vec(W)[i*q + j] = W[i, j]``, which is exactly
+``W.reshape(-1)``. Under this convention
+
+* ``vec(u v^T) = u ⊗ v``;
+* ``vec(A X B^T) = (A ⊗ B) vec(X)``;
+* a layer Hessian of the linear MSE model is ``(A^T A) ⊗ (H H^T / N)``: output-side factor first,
+  and its eigenvectors are ``mu'_c ⊗ mu_c'`` as in the paper.
+
+Multi-layer parameter vectors concatenate ``vec(W_1), vec(W_2), ...`` in increasing layer order,
+then ``vec(H_1)`` when the features are included.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+
+def vec(W: Tensor) -> Tensor:
+    """Row-major vectorisation: ``(p, q) -> (p*q,)``."""
+    return W.reshape(-1)
+
+
+def unvec(w: Tensor, shape: tuple[int, int]) -> Tensor:
+    """Inverse of :func:`vec`: ``(p*q,) -> (p, q)`` (also ``(..., p*q) -> (..., p, q)``)."""
+    return w.reshape(*w.shape[:-1], *shape)
+
+
+def kron_vec(u: Tensor, v: Tensor) -> Tensor:
+    """``u ⊗ v = vec(u v^T)``: ``(p,), (q,) -> (p*q,)``."""
+    return torch.outer(u, v).reshape(-1)
+
+
+def concat_vec(mats: Sequence[Tensor]) -> Tensor:
+    """Concatenate ``vec(M_1), vec(M_2), ...`` into one vector."""
+    return torch.cat([vec(M) for M in mats])
