@@ -27,7 +27,11 @@ def nc1(H: Tensor, K: int) -> float:
     sigma_w = within @ within.T / N
     centred = M - M.mean(dim=1, keepdim=True)
     sigma_b = centred @ centred.T / K
-    return float(torch.trace(sigma_w @ torch.linalg.pinv(sigma_b, hermitian=True)) / K)
+    try:
+        pinv = torch.linalg.pinv(sigma_b, hermitian=True)
+    except torch.linalg.LinAlgError:  # non-finite or wildly scaled features: NC1 is undefined
+        return float("nan")
+    return float(torch.trace(sigma_w @ pinv) / K)
 
 
 def orthogonal_frame_distance(M: Tensor) -> float:

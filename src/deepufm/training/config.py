@@ -1,0 +1,96 @@
+"""`TrainConfig`: the optimisation hyperparameters of a full-batch run."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from deepufm.errors import ConfigError
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Full-batch gradient descent with optional heavy-ball momentum (PyTorch's SGD convention).
+
+    Attributes:
+        lr: step size (> 0). The step at epoch ``e`` uses ``lr * 0.5**k`` with ``k`` the number of
+            entries of ``lr_halve_at`` that are ``<= e``.
+        momentum: heavy-ball coefficient in ``[0, 1)``: ``v <- momentum*v + grad``, ``p <- p - lr*v``.
+        epochs: number of full-batch steps (``>= 0``).
+        lr_halve_at: epochs at which the step size halves.
+        probes_per_decade: log-spaced probe epochs per factor 10 of epochs (epoch 0 and the last
+            epoch are always probed).
+        probe_at: extra epochs to probe.
+        checkpoint_every: seconds of training between atomic checkpoints (one is also written at
+            the end). Checkpoints do not change the trajectory.
+        allow_trivial: train even when the regularisation is above the threshold where the zero
+            solution is the global optimum (THEORY §4.2).
+    """
+
+    lr: float = 0.5
+    momentum: float = 0.0
+    epochs: int = 6000
+    lr_halve_at: tuple[int, ...] = field(default_factory=tuple)
+    probes_per_decade: int = 10
+    probe_at: tuple[int, ...] = field(default_factory=tuple)
+    checkpoint_every: float = 60.0
+    allow_trivial: bool = False
+
+    def __post_init__(self) -> None:
+        if not _is_number(self.lr) or not math.isfinite(self.lr) or self.lr <= 0:
+            raise ConfigError("lr", self.lr, "a finite number > 0")
+        if not _is_number(self.momentum) or not 0 <= self.momentum < 1:
+            raise ConfigError("momentum", self.momentum, "a number in [0, 1)")
+        if not _is_int(self.epochs) or self.epochs < 0:
+            raise ConfigError("epochs", self.epochs, "an integer >= 0")
+        if not _is_int(self.probes_per_decade) or self.probes_per_decade < 1:
+            raise ConfigError("probes_per_decade", self.probes_per_decade, "an integer >= 1")
+        if not _is_number(self.checkpoint_every) or not self.checkpoint_every > 0:
+            raise ConfigError("checkpoint_every", self.checkpoint_every, "a number of seconds > 0")
+        for name in ("lr_halve_at", "probe_at"):
+            values = getattr(self, name)
+            if not isinstance(values, list | tuple) or not all(
+                _is_int(v) and v >= 0 for v in values
+            ):
+                raise ConfigError(name, values, "a list of integer epochs >= 0")
+            object.__setattr__(self, name, tuple(sorted(set(values))))
+        object.__setattr__(self, "lr", float(self.lr))
+        object.__setattr__(self, "momentum", float(self.momentum))
+        object.__setattr__(self, "checkpoint_every", float(self.checkpoint_every))
+
+    def lr_at(self, epoch: int) -> float:
+        """Step size used by the step that starts at ``epoch``."""
+        return self.lr * 0.5 ** sum(1 for e in self.lr_halve_at if e <= epoch)
+
+    def to_dict(self) -> dict[str, Any]:
+        out = asdict(self)
+        out["lr_halve_at"] = list(self.lr_halve_at)
+        out["probe_at"] = list(self.probe_at)
+        return out
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> TrainConfig:
+        return cls(**data)
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_number(v: Any) -> bool:
+    return isinstance(v, int | float) and not isinstance(v, bool)
+
+
+def probe_epochs(epochs: int, per_decade: int = 10, extra: tuple[int, ...] = ()) -> list[int]:
+    """Log-spaced probe epochs in ``[0, epochs]``: 0, the last epoch, ``round(10**(k/per_decade))``.
+
+    Metrics are evaluated only at these epochs, never every step.
+    """
+    points = {0, epochs}
+    k = 0
+    while (e := round(10 ** (k / per_decade))) <= epochs:
+        points.add(e)
+        k += 1
+    points.update(e for e in extra if 0 <= e <= epochs)
+    return sorted(points)

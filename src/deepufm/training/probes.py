@@ -1,0 +1,45 @@
+"""Probes: measurements taken at scheduled epochs and appended to ``metrics.jsonl``.
+
+A probe is any callable ``probe(model, epoch) -> dict`` whose JSON-serialisable entries are merged
+into the epoch's record. Later analyses (Hessian spectra, alignments) plug in here without
+touching the training loop.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from deepufm.metrics.collapse import class_means, nc1, orthogonal_frame_distance
+from deepufm.models.ufm import DeepUFM
+from deepufm.training.gradients import loss_gradients
+
+Probe = Callable[[DeepUFM, int], dict[str, Any]]
+
+
+def loss_probe(model: DeepUFM, epoch: int) -> dict[str, Any]:
+    """Total loss, data loss, regulariser and the norm of the full gradient (all parameters)."""
+    data, reg = model.data_loss(), model.regulariser()
+    grads = loss_gradients(model.H1, model.W, model.config)
+    grad_norm = torch.sqrt(sum(g.pow(2).sum() for g in grads))
+    return {
+        "loss": float(data + reg),
+        "data_loss": float(data),
+        "regulariser": float(reg),
+        "grad_norm": float(grad_norm),
+    }
+
+
+def collapse_probe(model: DeepUFM, epoch: int) -> dict[str, Any]:
+    """Per-layer NC1 and orthogonal-frame distance of the input features ``H_1 .. H_L``."""
+    K = model.config.K
+    Hs = model.features()[:-1]
+    return {
+        "nc1": [nc1(H, K) for H in Hs],
+        "orthogonal_frame_distance": [orthogonal_frame_distance(class_means(H, K)) for H in Hs],
+    }
+
+
+DEFAULT_PROBES: tuple[Probe, ...] = (loss_probe, collapse_probe)
