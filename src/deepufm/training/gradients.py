@@ -14,7 +14,8 @@ the sample), so the ReLU model back-propagates ``d x N`` errors as usual.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 
 import torch
 from torch import Tensor
@@ -74,6 +75,33 @@ def loss_gradients(H1: Tensor, Ws: Sequence[Tensor], config: UFMConfig) -> list[
     return [g + lam * p for g, lam, p in zip(grads, lams, [H1, *Ws], strict=True)]
 
 
+# Below this many multiply-adds per step, intra-op threads cost more in synchronisation than
+# they save (measured: the K=4, n=25, d=64, L=4 step runs 1.3x faster on one thread of two).
+SINGLE_THREAD_WORK = 5e5
+
+
+def step_work(config: UFMConfig) -> float:
+    """Multiply-adds of one fused step: ``K(L d^2 + d N)`` (linear) or ``L d^2 N`` (ReLU)."""
+    d, K, N, L = config.d, config.K, config.N, config.L
+    return K * (L * d * d + d * N) if config.activation == "linear" else L * d * d * N
+
+
+def step_threads(config: UFMConfig) -> int:
+    """Intra-op threads for the fused step: one for small problems, torch's default otherwise."""
+    return 1 if step_work(config) < SINGLE_THREAD_WORK else torch.get_num_threads()
+
+
+@contextmanager
+def torch_threads(n: int) -> Iterator[None]:
+    """Run a block with ``n`` intra-op threads, restoring the previous setting afterwards."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(old)
+
+
 class FusedStep:
     """One in-place full-batch gradient-descent step, fused by hand for speed.
 
@@ -81,6 +109,9 @@ class FusedStep:
     the old parameters before any update. Weight decay is folded into the update
     (``p <- (1 - lr*lam) p - lr*g``), which is algebraically plain gradient descent on ``L``.
     With momentum (PyTorch's convention) ``v <- mu v + (g + lam p)``, ``p <- p - lr v``.
+    The step is overhead-bound at the sizes of the paper, so it issues as few kernels as it can:
+    transposes are views taken once (the parameters change in place), ``1/N`` is folded into the
+    update coefficient, and ``Z - Y`` is one ``addmm``.
     """
 
     def __init__(
@@ -96,54 +127,112 @@ class FusedStep:
         self.momentum = momentum
         H1 = params[0]
         self.Y = Fn.labels(config.K, config.n, H1.dtype, H1.device)
+        self.eye = torch.eye(config.K, dtype=H1.dtype, device=H1.device)
+        self.T = [p.T for p in params]  # views: stay current as the parameters change in place
         if momentum > 0 and buffers is None:
             buffers = [torch.zeros_like(p) for p in params]
         self.buffers = buffers if momentum > 0 else None
 
     def __call__(self, lr: float) -> None:
-        if self.config.activation == "linear":
-            self._linear(lr)
-        else:
-            self._relu(lr)
+        self.run(lr, 1)
 
-    # Each `_apply(i, A_T, B, lr)` performs p_i <- p_i - lr*(A_T @ B + lam_i p_i) (A_T None: B alone).
-    def _apply(self, i: int, A_T: Tensor | None, B: Tensor, lr: float) -> None:
+    def run(self, lr: float, steps: int) -> None:
+        """``steps`` steps at step size ``lr``."""
+        if self.config.activation == "linear" and self.buffers is None:
+            self._linear_plain(lr, steps)
+            return
+        body = self._linear if self.config.activation == "linear" else self._relu
+        for _ in range(steps):
+            body(lr)
+
+    # `_apply(i, X, Y, a)` performs p_i <- p_i - lr*(a * X @ Y + lam_i p_i).
+    def _apply(self, i: int, X: Tensor, Y: Tensor, lr: float, a: float) -> None:
         p, lam = self.params[i], self.lams[i]
         if self.buffers is None:
-            if A_T is None:
-                p.mul_(1.0 - lr * lam).add_(B, alpha=-lr)
-            else:
-                p.addmm_(A_T, B, beta=1.0 - lr * lam, alpha=-lr)
+            p.addmm_(X, Y, beta=1.0 - lr * lam, alpha=-lr * a)
             return
         v = self.buffers[i]
-        v.mul_(self.momentum).add_(p, alpha=lam)
-        if A_T is None:
-            v.add_(B)
-        else:
-            v.addmm_(A_T, B)
+        v.mul_(self.momentum).add_(p, alpha=lam).addmm_(X, Y, alpha=a)
         p.add_(v, alpha=-lr)
 
+    def _residual(self, Z_from: tuple[Tensor, Tensor]) -> tuple[Tensor, float]:
+        """``(N R, 1/N)``: the output error up to the factor ``1/N``, folded into the update."""
+        if self.config.loss == "mse":
+            return torch.addmm(self.Y, *Z_from, beta=-1.0), 1.0 / self.config.N
+        Z = Z_from[0] @ Z_from[1]
+        return torch.softmax(Z, dim=0).sub_(self.Y), 1.0 / self.config.N
+
+    def _back_products_T(self) -> list[Tensor]:
+        """``[A^{(1)T}, ..., A^{(L)T}]``, ``A^{(m)T} = W_m^T A^{(m+1)T}`` (``d x K``)."""
+        T = self.T
+        L = len(T) - 1
+        AT = [T[L]]
+        for m in range(L - 1, 0, -1):
+            AT.append(T[m] @ AT[-1])
+        return AT[::-1]
+
     def _linear(self, lr: float) -> None:
-        H1, Ws = self.params[0], self.params[1:]
-        A, B, R = _linear_terms(H1, Ws, self.Y, self.config.loss)
-        L = len(Ws)
+        T = self.T
+        L = len(T) - 1
+        AT = self._back_products_T()
+        R, a = self._residual((AT[0].T, self.params[0]))
+        B = [R @ T[0]]  # B_l = R H_l^T (K x d_in of layer l)
         for m in range(1, L):
-            self._apply(m, A[m].T, B[m - 1], lr)
-        self._apply(L, None, B[-1], lr)
-        self._apply(0, A[0].T, R, lr)
+            B.append(B[-1] @ T[m])
+        for m in range(1, L):
+            self._apply(m, AT[m], B[m - 1], lr, a)
+        self._apply(L, self.eye, B[-1], lr, a)
+        self._apply(0, AT[0], R, lr, a)
+
+    def _linear_plain(self, lr: float, steps: int) -> None:
+        """The linear step without momentum, as a tight loop: the hot path of long runs.
+
+        ``A^{(L)T} = W_L^T`` is a view of ``W_L``, so every product is taken before any update.
+        """
+        P, T, L = self.params, self.T, len(self.params) - 1
+        beta = [1.0 - lr * lam for lam in self.lams]
+        alpha = -lr / self.config.N
+        mse = self.config.loss == "mse"
+        Y, eye, mm, addmm = self.Y, self.eye, torch.mm, torch.addmm
+        for _ in range(steps):
+            AT = [T[L]]
+            for m in range(L - 1, 0, -1):
+                AT.append(mm(T[m], AT[-1]))
+            AT.reverse()
+            if mse:
+                R = addmm(Y, AT[0].T, P[0], beta=-1.0)
+            else:
+                R = torch.softmax(mm(AT[0].T, P[0]), dim=0).sub_(Y)
+            B = [mm(R, T[0])]
+            for m in range(1, L):
+                B.append(mm(B[-1], T[m]))
+            for m in range(1, L):
+                P[m].addmm_(AT[m], B[m - 1], beta=beta[m], alpha=alpha)
+            P[L].addmm_(eye, B[-1], beta=beta[L], alpha=alpha)
+            P[0].addmm_(AT[0], R, beta=beta[0], alpha=alpha)
 
     def _relu(self, lr: float) -> None:
-        H1, Ws = self.params[0], self.params[1:]
+        Ws, T = self.params[1:], self.T
         L = len(Ws)
-        Hs, masks = [H1], []
+        Hs, masks = [self.params[0]], []
         for W in Ws[:-1]:
             U = W @ Hs[-1]
             mask = U >= 0
             masks.append(mask)
             Hs.append(U.mul_(mask))
-        delta = output_error(Ws[-1] @ Hs[-1], self.Y, self.config.loss)
+        delta, a = self._residual((Ws[-1], Hs[-1]))
         for l in range(L, 0, -1):
-            back = Ws[l - 1].T @ delta  # uses W_l before its update
-            self._apply(l, delta, Hs[l - 1].T, lr)
+            back = T[l] @ delta  # uses W_l before its update
+            self._apply(l, delta, Hs[l - 1].T, lr, a)
             delta = back.mul_(masks[l - 2]) if l > 1 else back
-        self._apply(0, None, delta, lr)
+        self._apply_dense(0, delta, lr, a)
+
+    def _apply_dense(self, i: int, G: Tensor, lr: float, a: float) -> None:
+        """``p_i <- p_i - lr*(a*G + lam_i p_i)`` for a gradient given densely."""
+        p, lam = self.params[i], self.lams[i]
+        if self.buffers is None:
+            p.mul_(1.0 - lr * lam).add_(G, alpha=-lr * a)
+            return
+        v = self.buffers[i]
+        v.mul_(self.momentum).add_(p, alpha=lam).add_(G, alpha=a)
+        p.add_(v, alpha=-lr)

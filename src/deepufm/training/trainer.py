@@ -24,7 +24,7 @@ from deepufm.models.config import UFMConfig
 from deepufm.models.ufm import DeepUFM
 from deepufm.training import rundir as rd
 from deepufm.training.config import TrainConfig, probe_epochs
-from deepufm.training.gradients import FusedStep
+from deepufm.training.gradients import FusedStep, step_threads, torch_threads
 from deepufm.training.probes import DEFAULT_PROBES, Probe
 
 CHECK_EVERY = 100
@@ -65,6 +65,10 @@ def train(
     probe_at = probe_epochs(cfg.epochs, cfg.probes_per_decade, cfg.probe_at)
     stops = sorted(set(probe_at) | set(cfg.lr_halve_at))
     records: list[dict[str, Any]] = []
+    # Decided once per run from the shapes, so a resumed run computes with the same threads.
+    threads = (
+        step_threads(model.config) if model.H1.device.type == "cpu" else torch.get_num_threads()
+    )
     epoch, elapsed = state.epoch, state.elapsed
     t_start = time.perf_counter() - elapsed
     last_ckpt = time.perf_counter()
@@ -93,8 +97,8 @@ def train(
                     cfg.epochs,
                 )
                 lr = cfg.lr_at(epoch)
-                for _ in range(nxt - epoch):
-                    step(lr)
+                with torch_threads(threads):
+                    step.run(lr, nxt - epoch)
                 bar.update(nxt - epoch)
                 epoch = nxt
                 if not _finite(model):

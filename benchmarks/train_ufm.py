@@ -1,0 +1,181 @@
+"""Training throughput: deepufm's fused trainer vs an eager autograd loop vs JAX jit + lax.scan.
+
+One process, same initial point, same number of full-batch steps; prints steps/s, the ratios
+and the relative difference of the final losses (so the comparison is of equal work).
+
+    python benchmarks/train_ufm.py                 # all three configs, float64 and float32
+    python benchmarks/train_ufm.py --steps 500 --configs 4,25,64,4
+
+JAX is optional (``pip install jax jaxlib``); without it that column is skipped.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+
+from deepufm import DeepUFM, UFMConfig
+from deepufm.models import functional as Fn
+from deepufm.training import FusedStep, TrainConfig, TrainState, train
+from deepufm.training.gradients import step_threads, torch_threads
+
+CONFIGS = ((4, 5, 32, 4), (4, 25, 64, 4), (10, 100, 128, 4))
+LR, LAM = 0.1, 1e-3
+
+
+def time_ours(cfg: UFMConfig, steps: int) -> tuple[float, float]:
+    """The fused step as `train()` drives it: one `run` call between probes, its thread policy."""
+    model = DeepUFM.init(cfg)
+    step = FusedStep(cfg, model.params)
+    with torch.no_grad(), torch_threads(step_threads(cfg)):
+        step.run(LR, 10)
+        model = DeepUFM.init(cfg)
+        step = FusedStep(cfg, model.params)
+        t = time.perf_counter()
+        step.run(LR, steps)
+        dt = time.perf_counter() - t
+    return steps / dt, float(model.total_loss())
+
+
+def time_ours_with_probes(cfg: UFMConfig, steps: int) -> float:
+    """End to end through `train()`: log-spaced probes (loss, gradient, NC1 per layer) included."""
+    state = TrainState(DeepUFM.init(cfg))
+    t = time.perf_counter()
+    train(state, TrainConfig(lr=LR, epochs=steps))
+    return steps / (time.perf_counter() - t)
+
+
+def time_eager(cfg: UFMConfig, steps: int) -> tuple[float, float]:
+    """What the field writes: autograd + torch.optim.SGD with weight decay, default threads."""
+    model = DeepUFM.init(cfg)
+    params = [p.clone().requires_grad_(True) for p in model.params]
+    opt = torch.optim.SGD(params, lr=LR, weight_decay=LAM)
+    Y = Fn.labels(cfg.K, cfg.n, params[0].dtype)
+
+    def run(k: int) -> None:
+        for _ in range(k):
+            opt.zero_grad()
+            X = params[0]
+            for l, W in enumerate(params[1:], start=1):
+                X = W @ X
+                if cfg.activation == "relu" and l < cfg.L:
+                    X = torch.relu(X)
+            loss = 0.5 * ((X - Y) ** 2).sum() / cfg.N + 0.5 * LAM * sum(
+                (p**2).sum() for p in params
+            )
+            loss.backward()
+            opt.step()
+
+    run(10)
+    with torch.no_grad():
+        for p, q in zip(params, DeepUFM.init(cfg).params):
+            p.copy_(q)
+    t = time.perf_counter()
+    run(steps)
+    dt = time.perf_counter() - t
+    with torch.no_grad():
+        final = float(
+            DeepUFM(cfg, params[0].detach(), [p.detach() for p in params[1:]]).total_loss()
+        )
+    return steps / dt, final
+
+
+def time_jax(cfg: UFMConfig, steps: int) -> tuple[float, float, float] | None:
+    try:
+        import jax
+        import jax.numpy as jnp
+    except ImportError:
+        return None
+    jax.config.update("jax_enable_x64", cfg.dtype == "float64")
+    model = DeepUFM.init(cfg)
+    params = [jnp.asarray(p.numpy()) for p in model.params]
+    Y = jnp.asarray(Fn.labels(cfg.K, cfg.n, model.H1.dtype).numpy())
+
+    def objective(ps):
+        X = ps[0]
+        for l, W in enumerate(ps[1:], start=1):
+            X = W @ X
+            if cfg.activation == "relu" and l < cfg.L:
+                X = jnp.maximum(X, 0)
+        return 0.5 * jnp.sum((X - Y) ** 2) / cfg.N + 0.5 * LAM * sum(jnp.sum(p**2) for p in ps)
+
+    grad = jax.grad(objective)
+
+    @jax.jit
+    def run(ps):
+        def body(ps, _):
+            return [p - LR * g for p, g in zip(ps, grad(ps))], None
+
+        return jax.lax.scan(body, ps, None, length=steps)[0]
+
+    t = time.perf_counter()
+    jax.block_until_ready(run(params))  # compile + one run
+    compile_s = time.perf_counter() - t
+    t = time.perf_counter()
+    out = jax.block_until_ready(run(params))
+    dt = time.perf_counter() - t
+    return steps / dt, float(objective(out)), compile_s
+
+
+def median_rate(fn, repeats: int):
+    runs = [fn() for _ in range(repeats)]
+    rates = [r[0] if isinstance(r, tuple) else r for r in runs]
+    return statistics.median(rates), runs[-1]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    ap.add_argument("--steps", type=int, default=2000, help="full-batch steps per timing")
+    ap.add_argument("--repeats", type=int, default=3, help="timings per cell (median reported)")
+    ap.add_argument(
+        "--configs", nargs="*", default=[",".join(map(str, c)) for c in CONFIGS], help="K,n,d,L"
+    )
+    ap.add_argument("--dtypes", nargs="*", default=["float64", "float32"])
+    ap.add_argument("--activation", choices=["linear", "relu", "both"], default="both")
+    ap.add_argument(
+        "--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)"
+    )
+    args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    acts = ["linear", "relu"] if args.activation == "both" else [args.activation]
+    print(
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads, {args.steps} steps, lr={LR}, lam={LAM}\n"
+    )
+    print(
+        "| K | n | d | L | act | dtype | deepufm steps/s | with probes | eager steps/s | JAX steps/s (compile s) | deepufm/eager | deepufm/JAX | max rel. loss diff |"
+    )
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+    for spec in args.configs:
+        K, n, d, L = map(int, spec.split(","))
+        for act in acts:
+            for dtype in args.dtypes:
+                cfg = UFMConfig(
+                    K=K, n=n, d=d, L=L, lam=LAM, activation=act, dtype=dtype, device="cpu"
+                )
+                ours, (_, loss_ours) = median_rate(
+                    lambda cfg=cfg: time_ours(cfg, args.steps), args.repeats
+                )
+                probes = time_ours_with_probes(cfg, args.steps)
+                eager, (_, loss_eager) = median_rate(
+                    lambda cfg=cfg: time_eager(cfg, args.steps), args.repeats
+                )
+                jx = time_jax(cfg, args.steps)
+                losses = [loss_ours, loss_eager] + ([jx[1]] if jx else [])
+                diff = max(abs(x - loss_ours) / abs(loss_ours) for x in losses)
+                jcol = f"{jx[0]:.0f} ({jx[2]:.1f})" if jx else "n/a"
+                jratio = f"{ours / jx[0]:.1f}x" if jx else "n/a"
+                print(
+                    f"| {K} | {n} | {d} | {L} | {act} | {dtype} | {ours:.0f} | {probes:.0f} | {eager:.0f} | "
+                    f"{jcol} | {ours / eager:.1f}x | {jratio} | {diff:.1e} |",
+                    flush=True,
+                )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,109 @@
+"""Figure helpers shared by the experiments: one style, PNG + PDF, log scales where they matter."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")  # figures are files; never needs a display
+import matplotlib.pyplot as plt
+import numpy as np
+
+STYLE = {
+    "figure.dpi": 110,
+    "savefig.dpi": 150,
+    "font.size": 9,
+    "axes.titlesize": 10,
+    "axes.grid": True,
+    "grid.alpha": 0.3,
+    "legend.fontsize": 8,
+}
+
+
+def new_figure(ncols: int = 1, nrows: int = 1, width: float = 4.2, height: float = 3.2):
+    with plt.rc_context(STYLE):
+        fig, axes = plt.subplots(
+            nrows, ncols, figsize=(width * ncols, height * nrows), squeeze=False
+        )
+    return fig, axes
+
+
+def save(fig, out_dir: Path, name: str) -> Path:
+    """Write ``name.png`` and ``name.pdf`` into ``out_dir``; returns the PNG path."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    with plt.rc_context(STYLE):
+        fig.tight_layout()
+        fig.savefig(out_dir / f"{name}.png")
+        fig.savefig(out_dir / f"{name}.pdf")
+    plt.close(fig)
+    return out_dir / f"{name}.png"
+
+
+def spectrum_panel(
+    ax,
+    eigenvalues: np.ndarray,
+    n_outliers: int,
+    title: str,
+    predicted: float | None = None,
+    log: bool = True,
+) -> None:
+    """A spectrum as the paper draws it: the bulk as a histogram, the top outliers as spikes.
+
+    Eigenvalues below ``1e-14 * max`` are counted as the bulk at zero and reported in the legend.
+    """
+    vals = np.sort(np.asarray(eigenvalues, dtype=np.float64))[::-1]
+    top = vals[:n_outliers]
+    rest = vals[n_outliers:]
+    floor = 1e-14 * max(abs(vals[0]), 1e-300)
+    zeros = int(np.sum(np.abs(rest) <= floor))
+    bulk = rest[np.abs(rest) > floor]
+    if log:
+        pos = bulk[bulk > 0]
+        if pos.size:
+            bins = np.logspace(
+                np.log10(pos.min()),
+                np.log10(max(pos.max(), top.min() if top.size else pos.max())),
+                40,
+            )
+            ax.hist(pos, bins=bins, color="0.6", label=f"bulk ({pos.size})")
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+    elif bulk.size:
+        ax.hist(bulk, bins=40, color="0.6", label=f"bulk ({bulk.size})")
+    ax.vlines(
+        top, 0.8, 1.0 * max(1, len(top)), colors="C3", lw=1.2, label=f"top {len(top)} outliers"
+    )
+    if predicted is not None:
+        ax.axvline(predicted, color="k", ls="--", lw=0.9, label=f"predicted {predicted:.4g}")
+    ax.set_xlabel("eigenvalue")
+    ax.set_ylabel("count")
+    ax.set_title(title + (f"  [+{zeros} at 0]" if zeros else ""))
+    ax.legend(loc="best")
+
+
+def curves_panel(
+    ax,
+    epochs: Sequence[int],
+    series: dict[str, Sequence[float]],
+    title: str,
+    ylabel: str,
+    reference: float | None = None,
+    ylog: bool = False,
+) -> None:
+    """Curves over log-scaled epochs (epoch 0 drawn at 1/2), with an optional predicted line."""
+    x = np.maximum(np.asarray(epochs, dtype=np.float64), 0.5)
+    for label, y in series.items():
+        ax.plot(x, y, lw=1.1, label=label)
+    if reference is not None:
+        ax.axhline(reference, color="k", ls="--", lw=0.9, label=f"predicted {reference:.4g}")
+    ax.set_xscale("log")
+    if ylog:
+        ax.set_yscale("log")
+    ax.set_xlabel("epoch")
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    if len(series) <= 12:
+        ax.legend(loc="best", ncol=2 if len(series) > 4 else 1)
