@@ -63,9 +63,7 @@ def time_eager(cfg: UFMConfig, steps: int) -> tuple[float, float]:
                 X = W @ X
                 if cfg.activation == "relu" and l < cfg.L:
                     X = torch.relu(X)
-            loss = 0.5 * ((X - Y) ** 2).sum() / cfg.N + 0.5 * LAM * sum(
-                (p**2).sum() for p in params
-            )
+            loss = 0.5 * ((X - Y) ** 2).sum() / cfg.N
             loss.backward()
             opt.step()
 

@@ -1,0 +1,83 @@
+"""Exact DNC points: the linear-MSE global optimum (THEORY §4.3), the ReLU Definition-2 point
+(§7) and the CE DNC critical point (§8)."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+from deepufm.errors import ConfigError
+from deepufm.models.config import UFMConfig
+from deepufm.models.ufm import DeepUFM
+from deepufm.theory.ce import ce_constants
+from deepufm.theory.constants import dnc_constants
+
+
+def _orthogonal(d: int, gen: torch.Generator, dtype: torch.dtype) -> Tensor:
+    """A Haar-random ``d x d`` orthogonal matrix (QR of a Gaussian, signs fixed)."""
+    Q, R = torch.linalg.qr(torch.randn(d, d, generator=gen, dtype=dtype))
+    return Q * torch.sign(torch.diagonal(R)).unsqueeze(0)
+
+
+def _permutation(d: int, gen: torch.Generator, dtype: torch.dtype) -> Tensor:
+    return torch.eye(d, dtype=dtype)[:, torch.randperm(d, generator=gen)]
+
+
+def _frames(config: UFMConfig, seed: int | None, nonnegative: bool) -> list[Tensor]:
+    """``U_0, ..., U_{L-1}`` in ``O(d)``; permutations for ``U_1..`` when ``nonnegative``."""
+    gen = torch.Generator().manual_seed(config.seed if seed is None else seed)
+    dtype, d = config.torch_dtype, config.d
+    U = [_orthogonal(d, gen, dtype)]
+    for _ in range(1, config.L):
+        U.append(_permutation(d, gen, dtype) if nonnegative else _orthogonal(d, gen, dtype))
+    return U
+
+
+def dnc_optimum(config: UFMConfig, seed: int | None = None, nonnegative: bool = False) -> DeepUFM:
+    """A global optimum of the linear-MSE deep UFM, built exactly (THEORY §4.3).
+
+    ``H_1 = h U_0^K ⊗ 1_n^T``, ``W_l = omega_l U_l^K U_{l-1}^{K T}``, ``W_L = omega_L U_{L-1}^{K T}``
+    with random orthogonal frames ``U_m`` (seeded). With ``nonnegative=True`` the frames
+    ``U_1 .. U_{L-1}`` are permutations, so every pre-activation is non-negative: the ReLU model's
+    DNC point of Definition 2 (THEORY §7), accepted for ``activation="relu"`` as well.
+    """
+    if config.loss != "mse":
+        raise ConfigError("loss", config.loss, "mse (use ce_dnc_point for cross-entropy)")
+    if config.activation != "linear" and not nonnegative:
+        raise ConfigError(
+            "activation", config.activation, "linear, or relu with nonnegative=True (Definition 2)"
+        )
+    k = dnc_constants(config)
+    U = [u[:, : config.K] for u in _frames(config, seed, nonnegative)]
+    H1 = math.sqrt(k.mean_norm2[0]) * U[0].repeat_interleave(config.n, dim=1)
+    W = [math.sqrt(k.omega2[l - 1]) * U[l] @ U[l - 1].T for l in range(1, config.L)]
+    W.append(math.sqrt(k.omega2[-1]) * U[-1].T)
+    return DeepUFM(config, H1, W).to(device=config.torch_device)
+
+
+def simplex_basis(K: int, dtype: torch.dtype = torch.float64) -> Tensor:
+    """``Q``: ``K x (K-1)`` orthonormal basis of the complement of ``1`` (``Q Q^T = S``)."""
+    S = torch.eye(K, dtype=dtype) - 1.0 / K
+    _, vecs = torch.linalg.eigh(S)
+    return vecs[:, 1:]  # eigenvalue 0 (the all-ones direction) comes first
+
+
+def ce_dnc_point(config: UFMConfig, seed: int | None = None) -> DeepUFM:
+    """The CE DNC critical point of Definition 3 (THEORY §8): ``Z = alpha S ⊗ 1_n^T``.
+
+    ``H_1 = s_H U_0^{K-1} R^T``, ``W_l = s_l U_l^{K-1} U_{l-1}^{K-1 T}``, ``W_L = s_L Q U_{L-1}^{K-1 T}``
+    with ``R = (Q ⊗ 1_n)/sqrt(n)`` and balanced singular values ``lam_l s_l^2 = lam_H s_H^2``.
+    """
+    if config.loss != "ce" or config.activation != "linear":
+        raise ConfigError("loss", config.loss, "ce with activation linear (THEORY §8)")
+    k = ce_constants(config)
+    K, n, dtype = config.K, config.n, config.torch_dtype
+    Q = simplex_basis(K, dtype)
+    R = Q.repeat_interleave(n, dim=0) / math.sqrt(n)  # N x (K-1), orthonormal columns
+    U = [u[:, : K - 1] for u in _frames(config, seed, nonnegative=False)]
+    H1 = math.sqrt(k.s2_H) * U[0] @ R.T
+    W = [math.sqrt(k.s2[l - 1]) * U[l] @ U[l - 1].T for l in range(1, config.L)]
+    W.append(math.sqrt(k.s2[-1]) * Q @ U[-1].T)
+    return DeepUFM(config, H1, W).to(device=config.torch_device)
