@@ -26,13 +26,16 @@ def _permutation(d: int, gen: torch.Generator, dtype: torch.dtype) -> Tensor:
 
 
 def _frames(config: UFMConfig, seed: int | None, nonnegative: bool) -> list[Tensor]:
-    """``U_0, ..., U_{L-1}`` in ``O(d)``; permutations for ``U_1..`` when ``nonnegative``."""
+    """``U_0, ..., U_{L-1}`` in ``O(d)``; all permutations when ``nonnegative``.
+
+    Definition 2 only needs ``U_1 ..`` to be permutations, but a permutation ``U_0`` as well makes
+    every product exact, so the zero pre-activations are exactly 0 rather than +-1e-17 (which
+    the ReLU derivative convention would otherwise have to absorb with a tolerance).
+    """
     gen = torch.Generator().manual_seed(config.seed if seed is None else seed)
     dtype, d = config.torch_dtype, config.d
-    U = [_orthogonal(d, gen, dtype)]
-    for _ in range(1, config.L):
-        U.append(_permutation(d, gen, dtype) if nonnegative else _orthogonal(d, gen, dtype))
-    return U
+    draw = _permutation if nonnegative else _orthogonal
+    return [draw(d, gen, dtype) for _ in range(config.L)]
 
 
 def dnc_optimum(config: UFMConfig, seed: int | None = None, nonnegative: bool = False) -> DeepUFM:
@@ -40,7 +43,7 @@ def dnc_optimum(config: UFMConfig, seed: int | None = None, nonnegative: bool = 
 
     ``H_1 = h U_0^K ⊗ 1_n^T``, ``W_l = omega_l U_l^K U_{l-1}^{K T}``, ``W_L = omega_L U_{L-1}^{K T}``
     with random orthogonal frames ``U_m`` (seeded). With ``nonnegative=True`` the frames
-    ``U_1 .. U_{L-1}`` are permutations, so every pre-activation is non-negative: the ReLU model's
+    are permutations, so every pre-activation is non-negative: the ReLU model's
     DNC point of Definition 2 (THEORY §7), accepted for ``activation="relu"`` as well.
     """
     if config.loss != "mse":
