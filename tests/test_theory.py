@@ -91,7 +91,7 @@ def assert_same_span(pred_vectors, M, r):
     """The predicted vectors span exactly the top-``r`` eigenspace of ``M`` (principal angles 0)."""
     U, S, _ = torch.linalg.svd(pred_vectors, full_matrices=False)
     assert int((S > 1e-10 * S[0]).sum()) == r
-    vals, vecs = torch.linalg.eigh(M)
+    _, vecs = torch.linalg.eigh(M)
     top = vecs[:, -r:]
     cosines = torch.linalg.svdvals(U[:, :r].T @ top)
     assert float(cosines.min()) == pytest.approx(1.0, abs=1e-8)
@@ -371,7 +371,7 @@ def test_ce_alpha_critical_point_and_theorem_9_spectrum(K, L):
         )
         torch.testing.assert_close(e[: (K - 1) ** 2], expected, rtol=1e-8, atol=0)
         # the dominant eigenvector is sum_c mu'_c ⊗ mu_c
-        vals, vecs = torch.linalg.eigh(dense_hessian(m, l))
+        _, vecs = torch.linalg.eigh(dense_hessian(m, l))
         top, v = vecs[:, -1], pred.vectors[:, 0]
         assert float((top @ v) ** 2 / (v @ v)) == pytest.approx(1.0, abs=1e-8)
         assert pred.eigenvalues[-1] == pytest.approx(a * lam / K, rel=1e-12)
