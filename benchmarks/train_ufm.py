@@ -142,37 +142,41 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     acts = ["linear", "relu"] if args.activation == "both" else [args.activation]
+    cells = [
+        UFMConfig(K=K, n=n, d=d, L=L, lam=LAM, activation=act, dtype=dtype, device="cpu")
+        for K, n, d, L in (map(int, spec.split(",")) for spec in args.configs)
+        for act in acts
+        for dtype in args.dtypes
+    ]
+    # PyTorch timings first, JAX last: XLA's worker threads would otherwise compete with torch.
+    rows = []
+    for cfg in cells:
+        ours, (_, loss_ours) = median_rate(lambda cfg=cfg: time_ours(cfg, args.steps), args.repeats)
+        probes = time_ours_with_probes(cfg, args.steps)
+        eager, (_, loss_eager) = median_rate(
+            lambda cfg=cfg: time_eager(cfg, args.steps), args.repeats
+        )
+        rows.append([cfg, ours, probes, eager, loss_ours, loss_eager])
+    for row in rows:
+        row.append(time_jax(row[0], args.steps))
     print(
-        f"torch {torch.__version__}, {torch.get_num_threads()} threads, {args.steps} steps, lr={LR}, lam={LAM}\n"
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads, {args.steps} steps, "
+        f"lr={LR}, lam={LAM}; median of {args.repeats}\n"
     )
     print(
-        "| K | n | d | L | act | dtype | deepufm steps/s | with probes | eager steps/s | JAX steps/s (compile s) | deepufm/eager | deepufm/JAX | max rel. loss diff |"
+        "| K | n | d | L | act | dtype | deepufm steps/s | with probes | eager steps/s | "
+        "JAX steps/s (compile s) | deepufm/eager | deepufm/JAX | max rel. loss diff |"
     )
     print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
-    for spec in args.configs:
-        K, n, d, L = map(int, spec.split(","))
-        for act in acts:
-            for dtype in args.dtypes:
-                cfg = UFMConfig(
-                    K=K, n=n, d=d, L=L, lam=LAM, activation=act, dtype=dtype, device="cpu"
-                )
-                ours, (_, loss_ours) = median_rate(
-                    lambda cfg=cfg: time_ours(cfg, args.steps), args.repeats
-                )
-                probes = time_ours_with_probes(cfg, args.steps)
-                eager, (_, loss_eager) = median_rate(
-                    lambda cfg=cfg: time_eager(cfg, args.steps), args.repeats
-                )
-                jx = time_jax(cfg, args.steps)
-                losses = [loss_ours, loss_eager] + ([jx[1]] if jx else [])
-                diff = max(abs(x - loss_ours) / abs(loss_ours) for x in losses)
-                jcol = f"{jx[0]:.0f} ({jx[2]:.1f})" if jx else "n/a"
-                jratio = f"{ours / jx[0]:.1f}x" if jx else "n/a"
-                print(
-                    f"| {K} | {n} | {d} | {L} | {act} | {dtype} | {ours:.0f} | {probes:.0f} | {eager:.0f} | "
-                    f"{jcol} | {ours / eager:.1f}x | {jratio} | {diff:.1e} |",
-                    flush=True,
-                )
+    for cfg, ours, probes, eager, loss_ours, loss_eager, jx in rows:
+        losses = [loss_ours, loss_eager] + ([jx[1]] if jx else [])
+        diff = max(abs(x - loss_ours) / abs(loss_ours) for x in losses)
+        jcol = f"{jx[0]:.0f} ({jx[2]:.1f})" if jx else "n/a"
+        jratio = f"{ours / jx[0]:.1f}x" if jx else "n/a"
+        print(
+            f"| {cfg.K} | {cfg.n} | {cfg.d} | {cfg.L} | {cfg.activation} | {cfg.dtype} | {ours:.0f} | "
+            f"{probes:.0f} | {eager:.0f} | {jcol} | {ours / eager:.1f}x | {jratio} | {diff:.1e} |"
+        )
 
 
 if __name__ == "__main__":
