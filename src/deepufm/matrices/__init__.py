@@ -39,3 +39,23 @@ __all__ = [
     "papyan_decomposition",
     "relu_derivative",
 ]
+
+from deepufm.matrices.gradients import (
+    backprop_error_matrix,
+    data_gradient,
+    feature_gram,
+    gradient_covariance,
+    per_sample_gradients,
+    weight_gram,
+    weight_singular_values,
+)
+
+__all__ += [
+    "backprop_error_matrix",
+    "data_gradient",
+    "feature_gram",
+    "gradient_covariance",
+    "per_sample_gradients",
+    "weight_gram",
+    "weight_singular_values",
+]

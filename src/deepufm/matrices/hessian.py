@@ -71,8 +71,14 @@ class KroneckerGram(SymmetricMatrix):
     def dense(self) -> Tensor:
         return torch.kron(self.P, self.Q)
 
-    def factor_eigh(self) -> tuple[tuple[Tensor, Tensor], tuple[Tensor, Tensor]]:
-        """Eigenpairs (descending) of ``P`` and of ``Q``, from their small Grams."""
+    def factor_eigh(
+        self, full: bool = False
+    ) -> tuple[tuple[Tensor, Tensor], tuple[Tensor, Tensor]]:
+        """Eigenpairs (descending) of ``P`` and ``Q``: from their small Grams (the non-zero part),
+        or, with ``full``, complete bases from the ``a x a`` and ``b x b`` factors themselves."""
+        if full:
+            (p, U), (q, W) = torch.linalg.eigh(self.P), torch.linalg.eigh(self.Q)
+            return (p.flip(0), U.flip(1)), (q.flip(0), W.flip(1))
         return _gram_eigh(self.F_P, rows=True), _gram_eigh(self.F_Q, rows=False)
 
     def eigvalsh(self) -> Tensor:
@@ -83,17 +89,18 @@ class KroneckerGram(SymmetricMatrix):
         return torch.cat([vals, vals.new_zeros(missing)]) if missing > 0 else vals
 
     def topk(self, k: int, tol: float = 0.0) -> tuple[Tensor, Tensor]:
+        """Top-``k`` eigenpairs as Kronecker products of factor eigenvectors (no Lanczos)."""
         (p, U), (q, W) = self.factor_eigh()
+        if k > p.numel() * q.numel():
+            (p, U), (q, W) = self.factor_eigh(full=True)
         prods = torch.outer(p, q).reshape(-1)
-        if k > prods.numel():
-            return super().topk(k, tol)
         order = torch.argsort(prods, descending=True)[:k]
         i, j = order // q.numel(), order % q.numel()
         vecs = (U[:, i].unsqueeze(1) * W[:, j].unsqueeze(0)).reshape(self.size, k)
         return prods[order], vecs
 
     def eigh(self) -> tuple[Tensor, Tensor]:
-        return self.topk(self.size) if self.size <= 4096 else super().eigh()
+        return self.topk(self.size)
 
     def trace(self) -> Tensor:
         return (self.F_P**2).sum() * (self.F_Q**2).sum()

@@ -1,5 +1,34 @@
 """Metrics of collapse, alignment and spectra (THEORY §4.1, §9)."""
 
 from deepufm.metrics.collapse import class_means, etf_distance, nc1, orthogonal_frame_distance
+from deepufm.metrics.spectral import (
+    effective_rank,
+    eigvec_alignment,
+    eigvec_alignment_matrix,
+    gradient_coefficients,
+    kron_columns,
+    negative_fraction,
+    outlier_count,
+    outlier_stats,
+    projection_proportion,
+    singular_vector_alignment,
+    subspace_overlap,
+)
 
-__all__ = ["class_means", "etf_distance", "nc1", "orthogonal_frame_distance"]
+__all__ = [
+    "class_means",
+    "effective_rank",
+    "eigvec_alignment",
+    "eigvec_alignment_matrix",
+    "etf_distance",
+    "gradient_coefficients",
+    "kron_columns",
+    "nc1",
+    "negative_fraction",
+    "orthogonal_frame_distance",
+    "outlier_count",
+    "outlier_stats",
+    "projection_proportion",
+    "singular_vector_alignment",
+    "subspace_overlap",
+]

@@ -1,0 +1,172 @@
+"""``deepufm analyze RUN_DIR``: every matrix and metric per layer, from ``params.npz`` alone."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import torch
+
+from deepufm.errors import ConfigError
+from deepufm.metrics.layer_report import layer_report
+from deepufm.training.probes import loss_probe
+from deepufm.training.rundir import load_params
+
+
+def register(sub) -> None:
+    p = sub.add_parser(
+        "analyze",
+        help="measure the Hessian and related matrices of a trained run, per layer",
+        description=(
+            "Recompute, from config.json + params.npz of a run directory (or a directory holding "
+            "only those two files), per layer l (the weight W_l, whose features are its input "
+            "H_l): the layer-Hessian spectrum and rank, Papyan's class/cross/within ranks and "
+            "knockouts, gradient coefficients, eigenvector alignment, projection proportion, "
+            "weight singular values, gradient-covariance, back-propagated-error and feature-Gram "
+            "spectra, NC1, frame distance, effective ranks and (ReLU) negative fractions."
+        ),
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument(
+        "run_dir", metavar="RUN_DIR", help="run directory with config.json and params.npz"
+    )
+    p.add_argument(
+        "--layer", type=int, action="append", help="layer(s) to analyse, repeatable (default: all)"
+    )
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.add_argument("--full", action="store_true", help="all Hessian eigenvalues, not the top K^2+K")
+    p.add_argument(
+        "--rank-rtol",
+        type=float,
+        default=1e-8,
+        help="ranks count eigenvalues above this times the largest",
+    )
+    p.add_argument(
+        "--relu-tol",
+        type=float,
+        default=0.0,
+        help="pre-activations >= -tol*max|u| count as non-negative (sigma'(0)=1 always)",
+    )
+    p.add_argument(
+        "--zero-below",
+        type=float,
+        default=0.0,
+        help="set parameters with |value| below this to 0 first (the paper's ReLU practice)",
+    )
+    p.add_argument("--plot", metavar="DIR", help="also write the spectra as PNG figures into DIR")
+    p.add_argument("--device", default="cpu", help="device for the computation")
+    p.set_defaults(func=run)
+
+
+def analyze(
+    run_dir: Path,
+    layers=None,
+    full=False,
+    rank_rtol=1e-8,
+    relu_tol=0.0,
+    zero_below=0.0,
+    device="cpu",
+) -> dict:
+    """The public JSON contract of ``deepufm analyze --json``."""
+    model = load_params(run_dir, device=device)
+    L = model.config.L
+    layers = list(range(1, L + 1)) if not layers else layers
+    for l in layers:
+        if not 1 <= l <= L:
+            raise ConfigError("--layer", l, f"an integer in [1, L={L}]")
+    if zero_below > 0:
+        for p in model.params:
+            p.masked_fill_(p.abs() < zero_below, 0.0)
+    with torch.no_grad():
+        totals = loss_probe(model, 0)
+        reports = [layer_report(model, l, full, rank_rtol, relu_tol).to_dict() for l in layers]
+    return {
+        "loss": totals["loss"],
+        "grad_norm": totals["grad_norm"],
+        "config": model.config.to_dict(),
+        "layers": reports,
+    }
+
+
+def _print_table(result: dict) -> None:
+    print(f"loss {result['loss']:.10g}   gradient norm {result['grad_norm']:.3e}")
+    for e in result["layers"]:
+        K = len(e["gradient_coefficients"])
+        diag = [e["gradient_coefficients"][c][c] for c in range(K)]
+        f = [x for row in e["eigvec_alignment"] for x in row]
+        print(f"\nlayer {e['layer']}")
+        print(
+            f"  Hessian top eigenvalues   {', '.join(f'{v:.6g}' for v in e['hessian_eigenvalues'][: K * K + 1])}"
+        )
+        print(
+            f"  Hessian rank              {e['hessian_rank']}   effective rank {e['effective_rank_hessian']:.4g}"
+        )
+        print(f"  Papyan ranks              {e['papyan_ranks']}")
+        for name, vals in e["knockout_eigenvalues"].items():
+            print(f"  knockout {name:<7}          {', '.join(f'{v:.4g}' for v in vals[: K * K])}")
+        print(
+            f"  gamma diagonal            {', '.join(f'{v:.4f}' for v in diag)}   (1/K = {1 / K:.4f})"
+        )
+        print(f"  alignment f (min, max)    {min(f):.6f}, {max(f):.6f}")
+        print(f"  projection proportion     {e['projection_proportion']:.6f}")
+        print(
+            f"  weight singular values    {', '.join(f'{v:.6g}' for v in e['weight_singular_values'][: K + 1])}   effective rank {e['effective_rank_weight']:.4g}"
+        )
+        print(
+            f"  grad-cov top eigenvalues  {', '.join(f'{v:.4g}' for v in e['grad_cov_eigenvalues'])}"
+        )
+        print(
+            f"  backprop top eigenvalues  {', '.join(f'{v:.4g}' for v in e['backprop_eigenvalues'])}"
+        )
+        print(
+            f"  feature Gram top          {', '.join(f'{v:.6g}' for v in e['feature_gram_eigenvalues'])}"
+        )
+        print(
+            f"  NC1 {e['nc1']:.3e}   frame distance {e['orthogonal_frame_distance']:.3e}"
+            + (
+                ""
+                if e["negative_fraction"] is None
+                else f"   negative fraction {e['negative_fraction']:.4f}"
+            )
+        )
+
+
+def _plot(result: dict, out: Path) -> None:
+    from deepufm.experiments.plotting import new_figure, save, spectrum_panel
+
+    for e in result["layers"]:
+        K = len(e["gradient_coefficients"])
+        fig, axes = new_figure(ncols=2)
+        spectrum_panel(
+            axes[0, 0],
+            torch.tensor(e["hessian_eigenvalues"]).clamp_min(0).numpy(),
+            K * K,
+            f"layer {e['layer']}: layer-Hessian spectrum",
+        )
+        spectrum_panel(
+            axes[0, 1],
+            torch.tensor(e["weight_singular_values"]).pow(2).numpy(),
+            K,
+            f"layer {e['layer']}: eigenvalues of W^T W",
+        )
+        save(fig, out, f"analyze-layer{e['layer']}")
+
+
+def run(args: argparse.Namespace) -> int:
+    result = analyze(
+        Path(args.run_dir),
+        args.layer,
+        args.full,
+        args.rank_rtol,
+        args.relu_tol,
+        args.zero_below,
+        args.device,
+    )
+    if args.json:
+        print(json.dumps(result, indent=2))
+    else:
+        _print_table(result)
+    if args.plot:
+        _plot(result, Path(args.plot))
+    return 0
