@@ -16,7 +16,7 @@ from deepufm import __version__
 from deepufm.errors import DeepUFMError
 
 # Subcommand modules, in the order `deepufm --help` lists them.
-COMMANDS = ("train", "theory", "analyze")
+COMMANDS = ("train", "theory", "analyze", "run")
 
 
 def build_parser() -> argparse.ArgumentParser:

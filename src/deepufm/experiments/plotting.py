@@ -78,6 +78,10 @@ def spectrum_panel(
     )
     if predicted is not None:
         ax.axvline(predicted, color="k", ls="--", lw=0.9, label=f"predicted {predicted:.4g}")
+    if log and top.size and top.min() > 0:
+        # keep at least a decade either side of the outliers, so equal spikes stay readable
+        lo, hi = ax.get_xlim()
+        ax.set_xlim(min(lo, top.min() / 10), max(hi, top.max() * 10))
     ax.set_xlabel("eigenvalue")
     ax.set_ylabel("count")
     ax.set_title(title + (f"  [+{zeros} at 0]" if zeros else ""))
