@@ -66,3 +66,12 @@ def test_run_list_names_every_figure(capsys):
         assert fid in out
     assert main(["run", "no-such-experiment"]) == 2
     assert "experiment" in capsys.readouterr().err
+
+
+def test_ce_ufm_experiment_reproduces_theorem_9(tmp_path, capsys):
+    out = tmp_path / "ce"
+    assert main(["run", "ce-ufm", "--out", str(out), "--quiet"]) == 0
+    results = json.loads((out / "results.json").read_text())
+    assert all(r["holds"] for r in results), [r for r in results if not r["holds"]]
+    assert any(r["quantity"].startswith("Hessian dominant spike") for r in results)
+    assert (out / "figures" / "ce-thm9.png").is_file()

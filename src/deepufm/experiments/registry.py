@@ -56,7 +56,14 @@ LINEAR = Experiment(
     ),
 )
 
-EXPERIMENTS: dict[str, Experiment] = {e.name: e for e in (LINEAR,)}
+CE = Experiment(
+    "ce-ufm",
+    "deep linear UFM with cross-entropy loss (v2 App. B): the Theorem 9 layer-Hessian spectrum",
+    "deepufm.experiments.ce_ufm",
+    (Item("ce-thm9", "Theorem 9: K spikes, one dominant, over a mini-bulk of K^2-3K+1"),),
+)
+
+EXPERIMENTS: dict[str, Experiment] = {e.name: e for e in (LINEAR, CE)}
 
 
 def catalogue() -> list[tuple[str, str, str]]:
