@@ -165,3 +165,50 @@ def test_head_of_a_network_from_its_input_features():
     torch.testing.assert_close(
         layer_hessian(head, 1).dense(), dense_data_hessian(head, 1), rtol=1e-10, atol=1e-13
     )
+
+
+@pytest.mark.parametrize("i", [0, 1, 2, 3])
+def test_block_hessian_and_its_split_equal_dense_autograd(i):
+    from deepufm.matrices import block_hessian
+
+    model = random_model(i, seed=11)
+    cfg = model.config
+    layers = tuple(range(1, cfg.L + 1)) if i != 0 else (1, 3)
+    blk = block_hessian(model, layers)
+    shapes = [model.W[l - 1].shape for l in layers]
+    w = torch.cat([model.W[l - 1].reshape(-1) for l in layers])
+
+    def data(w_flat):
+        Ws, start = list(model.W), 0
+        for l, s in zip(layers, shapes):
+            Ws[l - 1] = w_flat[start : start + s.numel()].reshape(s)
+            start += s.numel()
+        return Fn.data_loss(Fn.forward(model.H1, Ws, cfg.activation)[-1], cfg.loss, cfg.K, cfg.n)
+
+    ref = hessian(data)(w)
+    scale = float(ref.abs().max())
+    torch.testing.assert_close(blk.hessian.dense(), ref, rtol=1e-10, atol=1e-12 * scale)
+    # diagonal blocks of G_blk are the layer Hessians; E_blk = H - G has zero diagonal blocks
+    G, E = blk.gauss_newton.dense(), blk.residual.dense()
+    start = 0
+    for l, p in zip(layers, blk.sizes):
+        sl = slice(start, start + p)
+        torch.testing.assert_close(
+            G[sl, sl], layer_hessian(model, l).dense(), rtol=1e-10, atol=1e-12 * scale
+        )
+        assert float(E[sl, sl].abs().max()) <= 1e-10 * scale
+        start += p
+    torch.testing.assert_close(G + E, ref, rtol=1e-10, atol=1e-12 * scale)
+
+
+def test_block_gauss_newton_at_the_optimum_is_theorem_5():
+    from deepufm.matrices import block_hessian
+    from deepufm.theory import dnc_constants
+
+    cfg = UFMConfig(K=3, n=2, d=4, L=3, lam=0.01, device="cpu")
+    model = dnc_optimum(cfg)
+    blk = block_hessian(model)
+    vals = blk.gauss_newton.eigvalsh()
+    k = dnc_constants(cfg)
+    torch.testing.assert_close(vals[:9], torch.full((9,), k.block_gn_eigenvalue), rtol=1e-9, atol=0)
+    assert float(vals[9]) <= 1e-10 * float(vals[0])

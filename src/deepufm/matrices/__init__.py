@@ -4,6 +4,7 @@ Every matrix is a :class:`SymmetricMatrix` (``matmat``, ``dense``, ``eigvalsh``,
 ``as_linear_operator``); parameter-space vectors are ``vec``-ed row-major (``deepufm.vec``).
 """
 
+from deepufm.matrices.block import BlockHessian, FunctionHessian, block_hessian
 from deepufm.matrices.hessian import (
     JacobianGram,
     KroneckerGram,
@@ -22,7 +23,9 @@ from deepufm.matrices.papyan import (
 )
 
 __all__ = [
+    "BlockHessian",
     "DenseSymmetric",
+    "FunctionHessian",
     "JacobianGram",
     "KroneckerGram",
     "LayerJacobian",
@@ -52,6 +55,7 @@ from deepufm.matrices.gradients import (
 
 __all__ += [
     "backprop_error_matrix",
+    "block_hessian",
     "data_gradient",
     "feature_gram",
     "gradient_covariance",
