@@ -5,6 +5,16 @@ Every matrix is a :class:`SymmetricMatrix` (``matmat``, ``dense``, ``eigvalsh``,
 """
 
 from deepufm.matrices.block import BlockHessian, FunctionHessian, block_hessian
+from deepufm.matrices.features import feature_gram, weight_gram, weight_singular_values, weight_svd
+from deepufm.matrices.gradients import (
+    GradientCovariance,
+    backprop_error_matrix,
+    backprop_errors,
+    data_gradient,
+    gradient_covariance,
+    output_errors,
+    per_sample_gradients,
+)
 from deepufm.matrices.hessian import (
     JacobianGram,
     KroneckerGram,
@@ -13,6 +23,13 @@ from deepufm.matrices.hessian import (
     layer_hessian,
 )
 from deepufm.matrices.jacobian import LayerJacobian, layer_jacobian, relu_derivative
+from deepufm.matrices.lanczos import (
+    SpectralDensity,
+    lanczos_quadrature,
+    lanczos_topk,
+    spectral_density,
+)
+from deepufm.matrices.module_hessian import ModuleHessian, module_hessian
 from deepufm.matrices.operator import DenseSymmetric, LinearCombination, SymmetricMatrix
 from deepufm.matrices.papyan import (
     PapyanDecomposition,
@@ -26,40 +43,37 @@ __all__ = [
     "BlockHessian",
     "DenseSymmetric",
     "FunctionHessian",
+    "GradientCovariance",
     "JacobianGram",
     "KroneckerGram",
     "LayerJacobian",
     "LinearCombination",
+    "ModuleHessian",
     "PapyanDecomposition",
     "RowGram",
+    "SpectralDensity",
     "SymmetricMatrix",
-    "gauss_newton",
-    "hessian_residual",
-    "jacobian_rows",
-    "knockout_spectra",
-    "layer_hessian",
-    "layer_jacobian",
-    "papyan_decomposition",
-    "relu_derivative",
-]
-
-from deepufm.matrices.gradients import (
-    backprop_error_matrix,
-    data_gradient,
-    feature_gram,
-    gradient_covariance,
-    per_sample_gradients,
-    weight_gram,
-    weight_singular_values,
-)
-
-__all__ += [
     "backprop_error_matrix",
+    "backprop_errors",
     "block_hessian",
     "data_gradient",
     "feature_gram",
+    "gauss_newton",
     "gradient_covariance",
+    "hessian_residual",
+    "jacobian_rows",
+    "knockout_spectra",
+    "lanczos_quadrature",
+    "lanczos_topk",
+    "layer_hessian",
+    "layer_jacobian",
+    "module_hessian",
+    "output_errors",
+    "papyan_decomposition",
     "per_sample_gradients",
+    "relu_derivative",
+    "spectral_density",
     "weight_gram",
     "weight_singular_values",
+    "weight_svd",
 ]

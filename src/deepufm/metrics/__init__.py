@@ -1,7 +1,15 @@
 """Metrics of collapse, alignment and spectra (THEORY §4.1, §9)."""
 
 from deepufm.metrics.collapse import class_means, etf_distance, nc1, orthogonal_frame_distance
+from deepufm.metrics.nc3 import (
+    back_product,
+    nc3_alignment,
+    nc3_gram,
+    nc3_row_alignment,
+    nc3_row_space_residual,
+)
 from deepufm.metrics.spectral import (
+    basis_coefficients,
     effective_rank,
     eigvec_alignment,
     eigvec_alignment_matrix,
@@ -16,6 +24,8 @@ from deepufm.metrics.spectral import (
 )
 
 __all__ = [
+    "back_product",
+    "basis_coefficients",
     "class_means",
     "effective_rank",
     "eigvec_alignment",
@@ -24,6 +34,10 @@ __all__ = [
     "gradient_coefficients",
     "kron_columns",
     "nc1",
+    "nc3_alignment",
+    "nc3_gram",
+    "nc3_row_alignment",
+    "nc3_row_space_residual",
     "negative_fraction",
     "orthogonal_frame_distance",
     "outlier_count",

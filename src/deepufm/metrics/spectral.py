@@ -1,6 +1,9 @@
-"""Alignment and spectral metrics (THEORY §9), one small function each.
+"""Alignment and spectral metrics (THEORY §4.1, §9), one small function each.
 
 ``M`` arguments may be a dense symmetric tensor or any ``deepufm.matrices.SymmetricMatrix``.
+Parameter-space vectors are ``vec``-ed row-major, so the paper's natural basis vector
+``mu'_c ⊗ mu_c'`` is ``vec(mu'_c mu_c'^T)`` (``deepufm.vec``). Class means are columns:
+``means_out = M_{l+1}`` ``(d_out, K)`` and ``means_in = M_l`` ``(d_in, K)`` for the layer ``W_l``.
 """
 
 from __future__ import annotations
@@ -10,9 +13,20 @@ import math
 import torch
 from torch import Tensor
 
+from deepufm.matrices.hessian import KroneckerGram
+from deepufm.matrices.operator import SymmetricMatrix
 
-def _apply(M, V: Tensor) -> Tensor:
+Matrix = Tensor | SymmetricMatrix
+
+
+def _apply(M: Matrix, V: Tensor) -> Tensor:
     return M @ V if isinstance(M, Tensor) else M.matmat(V)
+
+
+def _safe_ratio(num: Tensor, den: Tensor) -> Tensor:
+    """``num / den`` with ``0`` where ``den == 0`` (a zero vector is aligned with nothing)."""
+    ok = den > 0
+    return torch.where(ok, num / torch.where(ok, den, 1), torch.zeros_like(num))
 
 
 def kron_columns(left: Tensor, right: Tensor) -> Tensor:
@@ -20,84 +34,127 @@ def kron_columns(left: Tensor, right: Tensor) -> Tensor:
     return torch.einsum("ia,jb->ijab", left, right).reshape(left.shape[0] * right.shape[0], -1)
 
 
-def eigvec_alignment(V: Tensor, M) -> Tensor:
-    """``f(v; M) = (v^T M v)^2 / (||v||^2 ||M v||^2)`` per column of ``V`` (v1 f_cc'; v2 "cosine
-    similarity squared"): 1 iff ``v`` is an eigenvector with a non-zero eigenvalue. ``(p, m) -> (m,)``."""
+def eigvec_alignment(V: Tensor, M: Matrix) -> Tensor:
+    """``f(v; M) = (v^T M v)^2 / (||v||^2 ||M v||^2)`` in ``[0, 1]`` (THEORY §9; v1 ``f_cc'``, v2
+    "cosine similarity squared"): ``1`` iff ``v`` is an eigenvector with a non-zero eigenvalue.
+
+    ``V`` ``(p,)`` -> scalar tensor, or ``(p, m)`` -> ``(m,)`` (one value per column). ``0`` when
+    ``M v = 0``.
+    """
+    if V.dim() == 1:
+        return eigvec_alignment(V.unsqueeze(1), M)[0]
     MV = _apply(M, V)
     num = (V * MV).sum(dim=0) ** 2
-    den = (V * V).sum(dim=0) * (MV * MV).sum(dim=0)
-    return torch.where(den > 0, num / torch.where(den > 0, den, 1), torch.zeros_like(num))
+    return _safe_ratio(num, (V * V).sum(dim=0) * (MV * MV).sum(dim=0))
 
 
-def eigvec_alignment_matrix(M, means_out: Tensor, means_in: Tensor) -> Tensor:
-    """``f_cc' = f(mu'_c ⊗ mu_c'; M)``: ``(K, K)`` for the layer with class means ``M_{l+1}``, ``M_l``."""
-    K = means_out.shape[1]
-    return eigvec_alignment(kron_columns(means_out, means_in), M).reshape(K, K)
+def eigvec_alignment_matrix(M: Matrix, means_out: Tensor, means_in: Tensor) -> Tensor:
+    """``f_cc' = f(mu'_c ⊗ mu_c'; M)`` for the layer Hessian ``M`` of ``W_l`` (THEORY §9): ``(K, K)``.
+
+    ``M`` is any symmetric matrix of size ``d_out d_in``. For a Kronecker Hessian ``P ⊗ Q``
+    (linear MSE) ``f(a ⊗ b; P ⊗ Q) = f(a; P) f(b; Q)``, computed from the factors alone.
+    At DNC every entry is 1 (THEORY §6, Thm 1).
+    """
+    if isinstance(M, KroneckerGram):
+        return torch.outer(eigvec_alignment(means_out, M.P), eigvec_alignment(means_in, M.Q))
+    K_out, K_in = means_out.shape[1], means_in.shape[1]
+    return eigvec_alignment(kron_columns(means_out, means_in), M).reshape(K_out, K_in)
 
 
 def gradient_coefficients(g: Tensor, means_out: Tensor, means_in: Tensor) -> Tensor:
-    """``gamma_cc' = cos^2(g, mu'_c ⊗ mu_c') = (mu'_c^T G mu_c')^2 / (||G||^2 ||mu'_c||^2 ||mu_c'||^2)``
-    with ``G`` the matrix form of ``g`` (THEORY §9): ``(K, K)``; prediction ``I/K`` at DNC."""
+    """``gamma_cc' = cos^2(g, mu'_c ⊗ mu_c') = (mu'_c^T G mu_c')^2 / (||G||_F^2 ||mu'_c||^2 ||mu_c'||^2)``
+    with ``G`` the ``(d_out, d_in)`` matrix of ``g`` (THEORY §9): ``(K, K)``.
+
+    They sum to 1 when the ``mu'_c ⊗ mu_c'`` are orthogonal and span ``g``; prediction at DNC:
+    ``I_K / K`` (Thm 3).
+    """
     G = g.reshape(means_out.shape[0], means_in.shape[0])
     num = (means_out.T @ G @ means_in) ** 2
     den = (G**2).sum() * torch.outer((means_out**2).sum(0), (means_in**2).sum(0))
-    return num / den
+    return _safe_ratio(num, den)
+
+
+def basis_coefficients(g: Tensor, V: Tensor) -> Tensor:
+    """``cos^2(g, v_j)`` for every column of ``V`` ``(p, m)``: ``(m,)`` (v1 Table 2: the true top
+    ``K^2`` eigenvectors of ``H_l`` instead of the predicted ``mu'_c ⊗ mu_c'``)."""
+    return _safe_ratio((V.T @ g) ** 2, (g @ g) * (V * V).sum(dim=0))
 
 
 def projection_proportion(g: Tensor, V: Tensor) -> float:
-    """``||P g||^2 / ||g||^2`` with ``P`` the projector on the orthonormal columns of ``V`` (Gur-Ari et al.)."""
+    """``pi(g) = ||P g||^2 / ||g||^2`` with ``P`` the projector on the orthonormal columns of ``V``
+    ``(p, k)`` (Gur-Ari, Roberts & Dyer 2018; THEORY §9). Use the data gradient ``tilde g_l``."""
     return float(((V.T @ g) ** 2).sum() / (g @ g))
 
 
 def subspace_overlap(V1: Tensor, V2: Tensor) -> float:
-    """``tr(P_1 P_2) / k`` for two ``(p, k)`` orthonormal bases (Gur-Ari et al. 2018): in ``[0, 1]``."""
+    """``ov = tr(P_1 P_2) / k = ||V1^T V2||_F^2 / k`` for two ``(p, k)`` orthonormal bases
+    (Gur-Ari et al. 2018; THEORY §9): in ``[0, 1]``, 1 iff the subspaces coincide."""
     return float(((V1.T @ V2) ** 2).sum() / V1.shape[1])
 
 
 def effective_rank(values: Tensor) -> float:
-    """``exp(-sum p_i log p_i)`` with ``p_i = sigma_i / sum sigma`` (Roy & Vetterli 2007; v2 eq. 25).
+    """``exp(-sum_i p_i log p_i)``, ``p_i = sigma_i / sum_j sigma_j`` (Roy & Vetterli 2007; v2 eq. 25).
 
     ``values`` are singular values (for a PSD matrix, its eigenvalues); tiny negative round-off is
-    clipped to 0, and ``0 log 0 = 0``.
+    clipped to 0, ``0 log 0 = 0``, and an all-zero input has effective rank 0.
     """
-    s = values.clamp_min(0)
-    p = s / s.sum()
+    s = values.to(torch.float64).clamp_min(0)
+    total = s.sum()
+    if total <= 0:
+        return 0.0
+    p = s / total
     p = p[p > 0]
     return math.exp(float(-(p * p.log()).sum()))
 
 
-def outlier_count(eigenvalues: Tensor, floor: float = 1e-10, min_gap: float = 10.0) -> int:
-    """Number of outliers: cut at the largest ratio gap between consecutive eigenvalues.
+OUTLIER_RULES = ("log_gap", "threshold")
 
-    Rule (explicit, scale-free): sort descending, keep those ``> floor * max``, and cut where
-    ``lambda_i / lambda_{i+1}`` is largest. If no ratio reaches ``min_gap`` the kept values form
-    one group and all of them count (a flat spectrum has no outliers to separate).
+
+def outlier_count(
+    eigenvalues: Tensor, rule: str = "log_gap", floor: float = 1e-8, min_gap: float = 2.0
+) -> int:
+    """Number of outlier eigenvalues, by an explicit rule (THEORY §9).
+
+    Only eigenvalues ``> floor * lambda_max`` are *kept* (``lambda_max > 0``; else the count is 0);
+    the rest are treated as numerical zeros (THEORY §12: ranks use a relative threshold ~1e-8).
+
+    * ``"threshold"``: the number of kept eigenvalues (the numerical rank of a PSD matrix).
+    * ``"log_gap"`` (default): sort the kept values descending and cut at the largest ratio
+      ``lambda_i / lambda_{i+1}`` between consecutive kept values; the count is the position of
+      that cut (ties: the first, i.e. the fewest outliers). If no ratio reaches ``min_gap`` there is no separated group inside the kept values
+      and the count is the number kept (an exactly low-rank spectrum with equal outliers, such as
+      the DNC Hessian's ``K^2`` values over zeros). Scale-free.
     """
-    vals = torch.sort(eigenvalues, descending=True).values
-    top = float(vals[0])
-    if top <= 0:
+    if rule not in OUTLIER_RULES:
+        raise ValueError(f"rule={rule!r} must be one of {OUTLIER_RULES}")
+    vals = torch.sort(eigenvalues.to(torch.float64).reshape(-1), descending=True).values
+    if vals.numel() == 0 or float(vals[0]) <= 0:
         return 0
-    kept = vals[vals > floor * top]
-    if kept.numel() == 1:
-        return 1
+    kept = vals[vals > floor * vals[0]]
+    if rule == "threshold" or kept.numel() == 1:
+        return int(kept.numel())
     ratios = kept[:-1] / kept[1:]
     best = int(torch.argmax(ratios))
     return best + 1 if float(ratios[best]) >= min_gap else int(kept.numel())
 
 
 def outlier_stats(eigenvalues: Tensor, k: int) -> tuple[float, float]:
-    """Mean and standard deviation of the top ``k`` eigenvalues (v2 Fig. 18)."""
-    top = torch.sort(eigenvalues, descending=True).values[:k]
-    return float(top.mean()), float(top.std(unbiased=False))
+    """Mean and (population) standard deviation of the ``k`` largest eigenvalues (v2 Fig. 18):
+    the spread of the outliers; at DNC the std of the top ``K^2`` of ``H_l`` is 0."""
+    top = torch.sort(eigenvalues.to(torch.float64).reshape(-1), descending=True).values[:k]
+    return float(top.mean()), float(top.std(correction=0))
 
 
 def negative_fraction(U: Tensor, tol: float = 0.0) -> float:
-    """Fraction of entries of a pre-activation matrix below ``-tol * max|U|`` (v2 §5, ReLU)."""
+    """Fraction of entries of a pre-activation matrix ``U_l`` below ``-tol * max|U_l|`` (v2 §5,
+    ReLU; THEORY §4.1; ``tol = 0`` is the paper's description)."""
     return float((U < -tol * U.abs().max()).to(torch.float64).mean())
 
 
 def singular_vector_alignment(
     W: Tensor, means_out: Tensor, means_in: Tensor
 ) -> tuple[Tensor, Tensor]:
-    """``(f(mu^'_c; W W^T), f(mu^_c; W^T W))`` per class (v2 Fig. 16): left and right, ``(K,)`` each."""
+    """``(f(mu'_c; W W^T), f(mu_c; W^T W))`` per class (v2 Fig. 16; THEORY §9): left and right
+    singular-vector alignment of ``W_l`` ``(d_out, d_in)`` with the output / input class means,
+    ``(K,)`` each; both 1 at DNC (Thm 4)."""
     return eigvec_alignment(means_out, W @ W.T), eigvec_alignment(means_in, W.T @ W)

@@ -1,0 +1,163 @@
+"""Lanczos on any :class:`SymmetricMatrix`: top-k eigenpairs and the spectral density (SLQ).
+
+* :func:`lanczos_topk` — scipy's implicitly restarted Lanczos (``eigsh``) on
+  ``op.as_linear_operator()``, always (``SymmetricMatrix.topk`` switches to a dense ``eigh`` for
+  small matrices; this one is for matrix-free operators and for checking them).
+* :func:`spectral_density` — stochastic Lanczos quadrature (Ubaru, Chen & Saad 2017; Ghorbani,
+  Krishnan & Xiao 2019; Papyan 2019): for Rademacher probes ``v`` (``||v||^2 = p``), ``m`` Lanczos
+  steps give a Gauss quadrature ``v^T f(M) v / p ≈ sum_j tau_j f(theta_j)`` (exact for polynomials
+  of degree ``<= 2m - 1``), so the Gaussian-broadened eigenvalue density
+  ``phi(t) = 1/p sum_i N(t; lambda_i, sigma^2)`` is estimated by
+  ``1/P sum_probes sum_j tau_j N(t; theta_j, sigma^2)``. All probes run together: each Lanczos
+  step is one ``matmat`` on a ``(p, P)`` block (one data pass for a :class:`ModuleHessian`).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from scipy.sparse.linalg import eigsh
+from torch import Tensor
+
+from deepufm.errors import ConfigError
+from deepufm.matrices.operator import SymmetricMatrix
+
+
+def lanczos_topk(
+    op: SymmetricMatrix, k: int, tol: float = 0.0, seed: int = 0
+) -> tuple[Tensor, Tensor]:
+    """The ``k`` algebraically largest eigenpairs by Lanczos: ``(k,)`` descending, ``(p, k)``.
+
+    ``tol`` is ``eigsh``'s relative accuracy (0 = machine precision). The start vector is drawn
+    from ``seed``, so repeated calls agree. ``k >= p - 1`` (beyond ``eigsh``) falls back to
+    ``op.topk``.
+    """
+    if not 1 <= k <= op.size:
+        raise ConfigError("k", k, f"an integer in [1, {op.size}]")
+    if k >= op.size - 1:
+        return op.topk(k, tol)
+    v0 = np.random.default_rng(seed).standard_normal(op.size)
+    vals, vecs = eigsh(op.as_linear_operator(), k=k, which="LA", tol=tol, v0=v0)
+    order = np.argsort(vals)[::-1].copy()
+    to = lambda a: torch.as_tensor(a, dtype=op.dtype, device=op.device)  # noqa: E731
+    return to(vals[order]), to(vecs[:, order])
+
+
+def lanczos_quadrature(op: SymmetricMatrix, V: Tensor, steps: int) -> tuple[Tensor, Tensor]:
+    """Gauss quadrature nodes and weights of ``v^T f(M) v / ||v||^2`` for every column of ``V``.
+
+    ``V`` ``(p, P)`` -> nodes ``theta`` ``(P, m)`` and weights ``tau`` ``(P, m)`` (each row sums to
+    1), ``m = min(steps, p)``: the eigenvalues of the ``m x m`` Lanczos tridiagonal ``T`` and the
+    squared first components of its eigenvectors. Full re-orthogonalisation (twice) keeps the
+    Krylov basis orthogonal in floating point; after an exact breakdown (invariant subspace found)
+    the basis continues with zeros, which adds nodes of weight exactly 0.
+    """
+    p, P = V.shape
+    m = min(int(steps), p)
+    if m < 1:
+        raise ConfigError("lanczos_steps", steps, "an integer >= 1")
+    Q = V / torch.linalg.norm(V, dim=0)
+    basis = [Q]
+    alphas, betas = [], []
+    prev, beta = torch.zeros_like(Q), torch.zeros(P, dtype=V.dtype, device=V.device)
+    scale = torch.zeros(P, dtype=V.dtype, device=V.device)
+    for j in range(m):
+        W = op.matmat(Q)
+        scale = torch.maximum(scale, torch.linalg.norm(W, dim=0))
+        alpha = (Q * W).sum(dim=0)
+        alphas.append(alpha)
+        if j == m - 1:
+            break
+        W = W - alpha * Q - beta * prev
+        B = torch.stack(basis)  # (j+1, p, P)
+        for _ in range(2):
+            W = W - torch.einsum("jpm,jm->pm", B, torch.einsum("jpm,pm->jm", B, W))
+        beta = torch.linalg.norm(W, dim=0)
+        alive = beta > 1e3 * torch.finfo(V.dtype).eps * scale
+        beta = torch.where(alive, beta, torch.zeros_like(beta))
+        betas.append(beta)
+        prev, Q = Q, torch.where(alive, W / torch.where(alive, beta, 1), torch.zeros_like(W))
+        basis.append(Q)
+    a = torch.stack(alphas, dim=1)  # (P, m)
+    T = torch.diag_embed(a)
+    if betas:
+        b = torch.stack(betas, dim=1)  # (P, m-1)
+        T = T + torch.diag_embed(b, offset=1) + torch.diag_embed(b, offset=-1)
+    theta, S = torch.linalg.eigh(T)
+    return theta, S[:, 0, :] ** 2
+
+
+def rademacher(p: int, num: int, seed: int, dtype: torch.dtype, device) -> Tensor:
+    """``num`` independent Rademacher (+-1) vectors, ``(p, num)``, drawn on the CPU from ``seed``."""
+    gen = torch.Generator().manual_seed(seed)
+    signs = torch.randint(0, 2, (p, num), generator=gen).to(dtype) * 2 - 1
+    return signs.to(device)
+
+
+@dataclass(frozen=True)
+class SpectralDensity:
+    """A Gaussian-broadened eigenvalue density and the quadrature it came from.
+
+    Attributes:
+        grid: ``(G,)`` points ``t``.
+        density: ``(G,)`` ``phi(t)``; integrates to 1 over the real line (eigenvalue fraction).
+        nodes: ``(P, m)`` Lanczos nodes ``theta`` per probe.
+        weights: ``(P, m)`` quadrature weights ``tau`` per probe (rows sum to 1).
+        sigma: the broadening.
+    """
+
+    grid: Tensor
+    density: Tensor
+    nodes: Tensor
+    weights: Tensor
+    sigma: float
+
+    def moment(self, k: int) -> float:
+        """Estimate of ``tr(M^k) / p`` (exact per probe for ``k <= 2m - 1``)."""
+        return float((self.weights * self.nodes**k).sum(dim=1).mean())
+
+
+def gaussian_density(grid: Tensor, nodes: Tensor, weights: Tensor, sigma: float) -> Tensor:
+    """``sum_j w_j N(t; x_j, sigma^2)`` on ``grid`` for flat ``nodes``/``weights``: ``(G,)``."""
+    z = (grid.unsqueeze(1) - nodes.reshape(1, -1)) / sigma
+    kernel = torch.exp(-0.5 * z**2) / (sigma * math.sqrt(2 * math.pi))
+    return kernel @ weights.reshape(-1)
+
+
+def spectral_density(
+    op: SymmetricMatrix,
+    num_probes: int = 10,
+    lanczos_steps: int = 80,
+    grid: Tensor | int = 1000,
+    sigma: float | None = None,
+    seed: int = 0,
+) -> SpectralDensity:
+    """Stochastic Lanczos quadrature estimate of the eigenvalue density of ``op`` (module docstring).
+
+    Args:
+        op: any symmetric matrix (e.g. a :class:`ModuleHessian`).
+        num_probes: Rademacher probe vectors ``P`` (all run in one block).
+        lanczos_steps: Lanczos steps ``m`` per probe (capped at ``p``).
+        grid: the points ``t`` ``(G,)``, or a number of points spread over
+            ``[min theta - 5 sigma, max theta + 5 sigma]``.
+        sigma: Gaussian broadening; default 1% of the spread of the nodes.
+        seed: seed of the probes.
+    """
+    if isinstance(num_probes, bool) or not isinstance(num_probes, int) or num_probes < 1:
+        raise ConfigError("num_probes", num_probes, "an integer >= 1")
+    V = rademacher(op.size, num_probes, seed, op.dtype, op.device)
+    nodes, weights = lanczos_quadrature(op, V, lanczos_steps)
+    lo, hi = float(nodes.min()), float(nodes.max())
+    if sigma is None:
+        sigma = 0.01 * max(hi - lo, abs(hi), torch.finfo(op.dtype).tiny)
+    if not sigma > 0:
+        raise ConfigError("sigma", sigma, "a number > 0")
+    if isinstance(grid, int):
+        grid = torch.linspace(
+            lo - 5 * sigma, hi + 5 * sigma, grid, dtype=op.dtype, device=op.device
+        )
+    density = gaussian_density(grid, nodes, weights, sigma) / num_probes
+    return SpectralDensity(grid, density, nodes, weights, float(sigma))
