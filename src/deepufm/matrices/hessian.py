@@ -199,18 +199,13 @@ def gauss_newton(model: DeepUFM, layer: int, relu_tol: float = 0.0) -> Symmetric
 
 def hessian_residual(model: DeepUFM, layer: int) -> SymmetricMatrix:
     """``E_l = H_l - G_l``: identically zero for a single layer of a deep UFM (see ``gauss_newton``)."""
-    from deepufm.matrices.operator import DenseSymmetric
-
     shape = model.W[layer - 1].shape
-    p = shape[0] * shape[1]
-    return (
-        _Zero(p, model.H1.dtype, model.H1.device)
-        if p > 0
-        else DenseSymmetric(model.H1.new_zeros(0, 0))
-    )
+    return _Zero(shape[0] * shape[1], model.H1.dtype, model.H1.device)
 
 
 class _Zero(SymmetricMatrix):
+    """The zero matrix of a given size."""
+
     def matmat(self, V: Tensor) -> Tensor:
         return torch.zeros_like(V)
 
