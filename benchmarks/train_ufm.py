@@ -12,6 +12,7 @@ JAX is optional (``pip install jax jaxlib``); without it that column is skipped.
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import time
 
@@ -24,6 +25,11 @@ from deepufm.training.gradients import step_threads, torch_threads
 
 CONFIGS = ((4, 5, 32, 4), (4, 25, 64, 4), (10, 100, 128, 4))
 LR, LAM = 0.1, 1e-3
+
+
+def default_steps(cfg: UFMConfig) -> int:
+    """2,000 steps, fewer where an eager step costs milliseconds (keeps the run to minutes)."""
+    return 2000 if cfg.d * cfg.d * cfg.N <= 64 * 64 * 100 else 400
 
 
 def time_ours(cfg: UFMConfig, steps: int) -> tuple[float, float]:
@@ -81,7 +87,8 @@ def time_eager(cfg: UFMConfig, steps: int) -> tuple[float, float]:
     return steps / dt, final
 
 
-def time_jax(cfg: UFMConfig, steps: int) -> tuple[float, float, float] | None:
+def time_jax(cfg: UFMConfig, steps: int, repeats: int) -> tuple[float, float, float] | None:
+    """JAX ``jit`` of ``lax.scan`` over ``grad``: (median steps/s, final loss, compile s), or None."""
     try:
         import jax
         import jax.numpy as jnp
@@ -112,23 +119,24 @@ def time_jax(cfg: UFMConfig, steps: int) -> tuple[float, float, float] | None:
     t = time.perf_counter()
     jax.block_until_ready(run(params))  # compile + one run
     compile_s = time.perf_counter() - t
-    t = time.perf_counter()
-    out = jax.block_until_ready(run(params))
-    dt = time.perf_counter() - t
-    return steps / dt, float(objective(out)), compile_s
-
-
-def median_rate(fn, repeats: int):
-    runs = [fn() for _ in range(repeats)]
-    rates = [r[0] if isinstance(r, tuple) else r for r in runs]
-    return statistics.median(rates), runs[-1]
+    rates = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        out = jax.block_until_ready(run(params))
+        rates.append(steps / (time.perf_counter() - t))
+    return statistics.median(rates), float(objective(out)), compile_s
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    ap.add_argument("--steps", type=int, default=2000, help="full-batch steps per timing")
+    ap.add_argument(
+        "--steps",
+        type=int,
+        default=None,
+        help="full-batch steps per timing (default 2000; 400 at the largest configuration)",
+    )
     ap.add_argument("--repeats", type=int, default=3, help="timings per cell (median reported)")
     ap.add_argument(
         "--configs", nargs="*", default=[",".join(map(str, c)) for c in CONFIGS], help="K,n,d,L"
@@ -136,10 +144,16 @@ def main() -> None:
     ap.add_argument("--dtypes", nargs="*", default=["float64", "float32"])
     ap.add_argument("--activation", choices=["linear", "relu", "both"], default="both")
     ap.add_argument(
-        "--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)"
+        "--threads",
+        type=int,
+        default=None,
+        help="pin the process to this many CPUs and set torch's threads to it, so that JAX's "
+        "thread pool (sized from the CPU affinity) gets the same (default: all CPUs)",
     )
     args = ap.parse_args()
     if args.threads:
+        if hasattr(os, "sched_setaffinity"):
+            os.sched_setaffinity(0, sorted(os.sched_getaffinity(0))[: args.threads])
         torch.set_num_threads(args.threads)
     acts = ["linear", "relu"] if args.activation == "both" else [args.activation]
     cells = [
@@ -151,30 +165,37 @@ def main() -> None:
     # PyTorch timings first, JAX last: XLA's worker threads would otherwise compete with torch.
     rows = []
     for cfg in cells:
-        ours, (_, loss_ours) = median_rate(lambda cfg=cfg: time_ours(cfg, args.steps), args.repeats)
-        probes = time_ours_with_probes(cfg, args.steps)
-        eager, (_, loss_eager) = median_rate(
-            lambda cfg=cfg: time_eager(cfg, args.steps), args.repeats
-        )
-        rows.append([cfg, ours, probes, eager, loss_ours, loss_eager])
+        steps = args.steps or default_steps(cfg)
+        # Interleaved, so that load from other processes hits both sides alike.
+        ours, eager = [], []
+        for _ in range(args.repeats):
+            ours.append(time_ours(cfg, steps))
+            eager.append(time_eager(cfg, steps))
+        probes = time_ours_with_probes(cfg, steps)
+        rows.append(
+            [cfg, steps, statistics.median(r for r, _ in ours), probes,
+             statistics.median(r for r, _ in eager), ours[-1][1], eager[-1][1]]
+        )  # fmt: skip
     for row in rows:
-        row.append(time_jax(row[0], args.steps))
+        row.append(time_jax(row[0], row[1], args.repeats))
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     print(
-        f"torch {torch.__version__}, {torch.get_num_threads()} threads, {args.steps} steps, "
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads, {cpus} CPUs, "
         f"lr={LR}, lam={LAM}; median of {args.repeats}\n"
     )
     print(
-        "| K | n | d | L | act | dtype | deepufm steps/s | with probes | eager steps/s | "
+        "| K | n | d | L | act | dtype | steps | deepufm steps/s | with probes | eager steps/s | "
         "JAX steps/s (compile s) | deepufm/eager | deepufm/JAX | max rel. loss diff |"
     )
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
-    for cfg, ours, probes, eager, loss_ours, loss_eager, jx in rows:
+    print("|---" * 14 + "|")
+    for cfg, steps, ours, probes, eager, loss_ours, loss_eager, jx in rows:
         losses = [loss_ours, loss_eager] + ([jx[1]] if jx else [])
         diff = max(abs(x - loss_ours) / abs(loss_ours) for x in losses)
         jcol = f"{jx[0]:.0f} ({jx[2]:.1f})" if jx else "n/a"
         jratio = f"{ours / jx[0]:.1f}x" if jx else "n/a"
         print(
-            f"| {cfg.K} | {cfg.n} | {cfg.d} | {cfg.L} | {cfg.activation} | {cfg.dtype} | {ours:.0f} | "
+            f"| {cfg.K} | {cfg.n} | {cfg.d} | {cfg.L} | {cfg.activation} | {cfg.dtype} | {steps} | "
+            f"{ours:.0f} | "
             f"{probes:.0f} | {eager:.0f} | {jcol} | {ours / eager:.1f}x | {jratio} | {diff:.1e} |"
         )
 

@@ -109,9 +109,14 @@ class FusedStep:
     the old parameters before any update. Weight decay is folded into the update
     (``p <- (1 - lr*lam) p - lr*g``), which is algebraically plain gradient descent on ``L``.
     With momentum (PyTorch's convention) ``v <- mu v + (g + lam p)``, ``p <- p - lr v``.
-    The step is overhead-bound at the sizes of the paper, so it issues as few kernels as it can:
-    transposes are views taken once (the parameters change in place), ``1/N`` is folded into the
-    update coefficient, and ``Z - Y`` is one ``addmm``.
+
+    The step is overhead- and layout-bound at the sizes of the paper (``benchmarks/README.md``),
+    so the plain (no-momentum) loops issue as few kernels as they can, into preallocated
+    workspace buffers (``out=``), under ``torch.inference_mode``: transposes are views taken once
+    (the parameters change in place), ``1/N`` is folded into the update coefficient, ``Z - Y`` is
+    one ``addmm``, the linear back products are chained in row form ``A^{(m)} = A^{(m+1)} W_m``
+    (``K x d``, contiguous: 1.3-1.5x faster in MKL than ``W_m^T A^{(m+1)T}``), and ReLU masks are
+    kept as 0/1 floats (a bool mask costs 3-4x more to build and to multiply by).
     """
 
     def __init__(
@@ -132,18 +137,21 @@ class FusedStep:
         if momentum > 0 and buffers is None:
             buffers = [torch.zeros_like(p) for p in params]
         self.buffers = buffers if momentum > 0 else None
+        self._work: dict[str, list[Tensor]] | None = None
 
     def __call__(self, lr: float) -> None:
         self.run(lr, 1)
 
     def run(self, lr: float, steps: int) -> None:
         """``steps`` steps at step size ``lr``."""
-        if self.config.activation == "linear" and self.buffers is None:
-            self._linear_plain(lr, steps)
-            return
-        body = self._linear if self.config.activation == "linear" else self._relu
-        for _ in range(steps):
-            body(lr)
+        linear = self.config.activation == "linear"
+        with torch.inference_mode():
+            if self.buffers is None:
+                (self._linear_plain if linear else self._relu_plain)(lr, steps)
+                return
+            body = self._linear if linear else self._relu
+            for _ in range(steps):
+                body(lr)
 
     # `_apply(i, X, Y, a)` performs p_i <- p_i - lr*(a * X @ Y + lam_i p_i).
     def _apply(self, i: int, X: Tensor, Y: Tensor, lr: float, a: float) -> None:
@@ -155,61 +163,116 @@ class FusedStep:
         v.mul_(self.momentum).add_(p, alpha=lam).addmm_(X, Y, alpha=a)
         p.add_(v, alpha=-lr)
 
-    def _residual(self, Z_from: tuple[Tensor, Tensor]) -> tuple[Tensor, float]:
-        """``(N R, 1/N)``: the output error up to the factor ``1/N``, folded into the update."""
+    def _residual(self, Z_from: tuple[Tensor, Tensor], out: Tensor | None = None) -> Tensor:
+        """``N R``: the output error up to the factor ``1/N``, which is folded into the update."""
         if self.config.loss == "mse":
-            return torch.addmm(self.Y, *Z_from, beta=-1.0), 1.0 / self.config.N
-        Z = Z_from[0] @ Z_from[1]
-        return torch.softmax(Z, dim=0).sub_(self.Y), 1.0 / self.config.N
+            return torch.addmm(self.Y, *Z_from, beta=-1.0, out=out)
+        return torch.softmax(torch.mm(*Z_from), dim=0).sub_(self.Y)
 
-    def _back_products_T(self) -> list[Tensor]:
-        """``[A^{(1)T}, ..., A^{(L)T}]``, ``A^{(m)T} = W_m^T A^{(m+1)T}`` (``d x K``)."""
-        T = self.T
-        L = len(T) - 1
-        AT = [T[L]]
-        for m in range(L - 1, 0, -1):
-            AT.append(T[m] @ AT[-1])
-        return AT[::-1]
+    def _workspace(self) -> dict[str, list[Tensor]]:
+        """Preallocated intermediates of the plain loops (allocated once, on first use).
+
+        Linear: ``A[m] = A^{(m+1)}`` (``K x d``; ``A[L-1]`` is ``W_L`` itself), ``B[l] = R H_{l+1}^T``
+        (``K x d``), ``R`` (``K x N``). ReLU: ``H[l] = H_{l+1}`` and the 0/1 masks
+        ``M[l] = [U_{l+2} >= 0]`` (``d x N``), back-propagated errors ``D[l]`` (``d x N``),
+        ``G`` (the shape of ``W_1``), ``R``.
+        """
+        if self._work is None:
+            P, L = self.params, len(self.params) - 1
+            (K, N), d = self.Y.shape, P[0].shape[0]
+            new = P[0].new_empty
+            if self.config.activation == "linear":
+                self._work = {
+                    "A": [new(K, d) for _ in range(L - 1)] + [P[L]],
+                    "B": [new(K, d) for _ in range(L)],
+                    "R": [new(K, N)],
+                }
+            else:
+                self._work = {
+                    "H": [P[0]] + [new(d, N) for _ in range(L - 1)],
+                    "M": [new(d, N) for _ in range(L - 1)],
+                    "D": [new(d, N) for _ in range(L - 1)],
+                    "G": [torch.empty_like(P[1])],
+                    "R": [new(K, N)],
+                }
+        return self._work
 
     def _linear(self, lr: float) -> None:
         T = self.T
         L = len(T) - 1
-        AT = self._back_products_T()
-        R, a = self._residual((AT[0].T, self.params[0]))
+        AT = [T[L]]  # A^{(m)T} = W_m^T A^{(m+1)T} (d x K)
+        for m in range(L - 1, 0, -1):
+            AT.append(T[m] @ AT[-1])
+        AT.reverse()
+        R, a = self._residual((AT[0].T, self.params[0])), 1.0 / self.config.N
         B = [R @ T[0]]  # B_l = R H_l^T (K x d_in of layer l)
         for m in range(1, L):
             B.append(B[-1] @ T[m])
         for m in range(1, L):
             self._apply(m, AT[m], B[m - 1], lr, a)
-        self._apply(L, self.eye, B[-1], lr, a)
+        # H1 before W_L: with L = 1, A^{(1)T} is a view of W_L.
         self._apply(0, AT[0], R, lr, a)
+        self._apply(L, self.eye, B[-1], lr, a)
 
     def _linear_plain(self, lr: float, steps: int) -> None:
         """The linear step without momentum, as a tight loop: the hot path of long runs.
 
-        ``A^{(L)T} = W_L^T`` is a view of ``W_L``, so every product is taken before any update.
+        ``A^{(L)} = W_L`` is the parameter itself, so every product is taken before any update,
+        and ``W_L`` is updated last.
         """
         P, T, L = self.params, self.T, len(self.params) - 1
+        work = self._workspace()
+        A, B, (R,) = work["A"], work["B"], work["R"]
+        AT = [a.T for a in A]
         beta = [1.0 - lr * lam for lam in self.lams]
         alpha = -lr / self.config.N
         mse = self.config.loss == "mse"
         Y, eye, mm, addmm = self.Y, self.eye, torch.mm, torch.addmm
         for _ in range(steps):
-            AT = [T[L]]
-            for m in range(L - 1, 0, -1):
-                AT.append(mm(T[m], AT[-1]))
-            AT.reverse()
+            for m in range(L - 2, -1, -1):
+                mm(A[m + 1], P[m + 1], out=A[m])
             if mse:
-                R = addmm(Y, AT[0].T, P[0], beta=-1.0)
+                addmm(Y, A[0], P[0], beta=-1.0, out=R)
             else:
-                R = torch.softmax(mm(AT[0].T, P[0]), dim=0).sub_(Y)
-            B = [mm(R, T[0])]
+                R = torch.softmax(mm(A[0], P[0]), dim=0).sub_(Y)
+            mm(R, T[0], out=B[0])
             for m in range(1, L):
-                B.append(mm(B[-1], T[m]))
+                mm(B[m - 1], T[m], out=B[m])
             for m in range(1, L):
                 P[m].addmm_(AT[m], B[m - 1], beta=beta[m], alpha=alpha)
-            P[L].addmm_(eye, B[-1], beta=beta[L], alpha=alpha)
             P[0].addmm_(AT[0], R, beta=beta[0], alpha=alpha)
+            P[L].addmm_(eye, B[L - 1], beta=beta[L], alpha=alpha)
+
+    def _relu_plain(self, lr: float, steps: int) -> None:
+        """The ReLU step without momentum, as a tight loop.
+
+        ``grad W_l = Delta_{l+1} H_l^T`` and ``Delta_l = [U_l >= 0] * (W_l^T Delta_{l+1})``
+        (``sigma'(0) = 1``, THEORY §3). At the first layer ``grad W_1`` goes to ``G`` (``d x d``)
+        so that ``H1 <- beta H1 + alpha W_1^T Delta_2`` is one ``addmm_`` with the old ``W_1``.
+        """
+        P, T, L = self.params, self.T, len(self.params) - 1
+        work = self._workspace()
+        Hs, M, D, (G,), (R,) = work["H"], work["M"], work["D"], work["G"], work["R"]
+        HT = [h.T for h in Hs]
+        beta = [1.0 - lr * lam for lam in self.lams]
+        alpha = -lr / self.config.N
+        mse = self.config.loss == "mse"
+        Y, mm, ge = self.Y, torch.mm, torch.ge
+        for _ in range(steps):
+            for l in range(1, L):
+                U = mm(P[l], Hs[l - 1], out=Hs[l])
+                U.mul_(ge(U, 0, out=M[l - 1]))
+            if mse:
+                delta = torch.addmm(Y, P[L], Hs[L - 1], beta=-1.0, out=R)
+            else:
+                delta = torch.softmax(mm(P[L], Hs[L - 1]), dim=0).sub_(Y)
+            for l in range(L, 1, -1):
+                back = mm(T[l], delta, out=D[l - 2])  # W_l before its update
+                P[l].addmm_(delta, HT[l - 1], beta=beta[l], alpha=alpha)
+                delta = back.mul_(M[l - 2])
+            mm(delta, HT[0], out=G)
+            P[0].addmm_(T[1], delta, beta=beta[0], alpha=alpha)
+            P[1].mul_(beta[1]).add_(G, alpha=alpha)
 
     def _relu(self, lr: float) -> None:
         Ws, T = self.params[1:], self.T
@@ -217,10 +280,10 @@ class FusedStep:
         Hs, masks = [self.params[0]], []
         for W in Ws[:-1]:
             U = W @ Hs[-1]
-            mask = U >= 0
+            mask = (U >= 0).to(U.dtype)
             masks.append(mask)
             Hs.append(U.mul_(mask))
-        delta, a = self._residual((Ws[-1], Hs[-1]))
+        delta, a = self._residual((Ws[-1], Hs[-1])), 1.0 / self.config.N
         for l in range(L, 0, -1):
             back = T[l] @ delta  # uses W_l before its update
             self._apply(l, delta, Hs[l - 1].T, lr, a)
