@@ -4,7 +4,13 @@ Every matrix is a :class:`SymmetricMatrix` (``matmat``, ``dense``, ``eigvalsh``,
 ``as_linear_operator``); parameter-space vectors are ``vec``-ed row-major (``deepufm.vec``).
 """
 
-from deepufm.matrices.block import BlockHessian, FunctionHessian, block_hessian
+from deepufm.matrices.block import (
+    BlockHessian,
+    BlockJacobianGram,
+    BlockResidual,
+    FunctionHessian,
+    block_hessian,
+)
 from deepufm.matrices.features import feature_gram, weight_gram, weight_singular_values, weight_svd
 from deepufm.matrices.gradients import (
     GradientCovariance,
@@ -18,9 +24,13 @@ from deepufm.matrices.gradients import (
 from deepufm.matrices.hessian import (
     JacobianGram,
     KroneckerGram,
+    RowGram,
+    RowSpaceGram,
+    ZeroMatrix,
     gauss_newton,
     hessian_residual,
     layer_hessian,
+    loss_weighted_factors,
 )
 from deepufm.matrices.jacobian import LayerJacobian, layer_jacobian, relu_derivative
 from deepufm.matrices.lanczos import (
@@ -33,7 +43,6 @@ from deepufm.matrices.module_hessian import ModuleHessian, module_hessian
 from deepufm.matrices.operator import DenseSymmetric, LinearCombination, SymmetricMatrix
 from deepufm.matrices.papyan import (
     PapyanDecomposition,
-    RowGram,
     jacobian_rows,
     knockout_spectra,
     papyan_decomposition,
@@ -41,6 +50,8 @@ from deepufm.matrices.papyan import (
 
 __all__ = [
     "BlockHessian",
+    "BlockJacobianGram",
+    "BlockResidual",
     "DenseSymmetric",
     "FunctionHessian",
     "GradientCovariance",
@@ -51,8 +62,10 @@ __all__ = [
     "ModuleHessian",
     "PapyanDecomposition",
     "RowGram",
+    "RowSpaceGram",
     "SpectralDensity",
     "SymmetricMatrix",
+    "ZeroMatrix",
     "backprop_error_matrix",
     "backprop_errors",
     "block_hessian",
@@ -67,6 +80,7 @@ __all__ = [
     "lanczos_topk",
     "layer_hessian",
     "layer_jacobian",
+    "loss_weighted_factors",
     "module_hessian",
     "output_errors",
     "papyan_decomposition",

@@ -1,210 +1,180 @@
 """Layer-wise Hessians of the data loss (THEORY §5, M2), exact and structured.
 
-``H_l = d^2 D / d w_l^2`` with ``w_l = vec(W_l)`` (row-major). For every deep UFM, linear or ReLU,
-MSE or CE, the logits are (piecewise) linear in ``w_l``, so the residual ``E_l`` vanishes and
-``H_l = G_l = (1/N) sum_ic J_ic^T B_ic J_ic`` with ``J_ic = A_ic ⊗ h_ic^T`` (``matrices.jacobian``)
-and ``B_ic`` the Hessian of the loss in the logits (``I_K`` for MSE; ``diag(p) - p p^T`` for CE).
+``H_l = d^2 D / d w_l^2`` with ``w_l = vec(W_l)`` (row-major, ``deepufm.vec``). With the factored
+Jacobian of ``matrices.jacobian`` (rows ``v_{icc'} = a_{ic,c'} ⊗ h_ic``, M1),
 
-* Linear MSE: ``H_l = (A^T A) ⊗ (H_l H_l^T / N)`` — a :class:`KroneckerGram`; its full spectrum is
-  every product of the two factors' eigenvalues, read off the ``K x K`` and ``N x N`` Grams.
-* Everything else: a :class:`JacobianGram` ``V^T V`` with ``N K`` rows ``ã_{ic,k} ⊗ h_ic / sqrt(N)``
-  (``ã = C^T A`` with ``B = C C^T``); its exact non-zero spectrum comes from the ``NK x NK`` Gram.
+    G_l = 1/N sum_ic J_ic^T B_ic J_ic,    B_ic = d^2 l_ic / dz^2 = I_K (MSE),  diag(p) - p p^T (CE),
 
-No ``p x p`` matrix is formed unless ``dense()`` is asked for.
+and ``E_l = H_l - G_l = 1/N sum_ic sum_k (dl_ic/dz_k) d^2 z_ic,k / dw_l^2 = 0`` for every deep UFM,
+linear or ReLU: the logits are (piecewise) linear in ``w_l`` alone (``W_l`` enters the forward pass
+once, and sigma'' = 0 almost everywhere). So ``H_l = G_l`` exactly, and:
+
+* linear MSE: ``H_l = (A^T A) ⊗ (H_l H_l^T / N)`` — a :class:`KroneckerGram`. Its full spectrum is
+  every product of the two factors' eigenvalues (read off ``K x K`` and ``min(d, N)``-sized Grams),
+  its top eigenvectors are Kronecker products of factor eigenvectors (no Lanczos);
+* everything else (ReLU and/or CE): a :class:`JacobianGram` ``V^T V`` with the ``N R`` rows
+  ``ã_{ic,k} ⊗ h_ic / sqrt(N)``, ``ã = M_ic A_ic`` where ``B_ic = M_ic^T M_ic`` (``M = I`` for MSE;
+  ``M = diag(sqrt p)(I - 1 p^T)`` for CE, Papyan's 2020 square-root factor). Its exact non-zero
+  spectrum comes from the ``NR x NR`` Gram with entries ``(ã·ã')(h·h')/N`` when that is smaller than
+  ``p``, else from the dense ``p x p`` matrix.
+
+No ``p x p`` matrix is formed unless ``dense()`` (or a dense eigensolver, for ``p <= NR``) is asked.
+Every matrix here also has ``row_factor() -> (F, w)`` with ``M = F^T diag(w) F``: sums and
+differences of them (Papyan knockouts) keep an exact low-rank spectrum (:class:`RowGram`).
 """
 
 from __future__ import annotations
 
 import math
 
+import scipy.linalg
 import torch
 from torch import Tensor
 
+from deepufm.errors import ConfigError
 from deepufm.matrices.jacobian import LayerJacobian, layer_jacobian
-from deepufm.matrices.operator import SymmetricMatrix
+from deepufm.matrices.operator import LinearCombination, SymmetricMatrix
 from deepufm.models.ufm import DeepUFM
 
 
-def _gram_eigh(F: Tensor, rows: bool) -> tuple[Tensor, Tensor]:
-    """Non-zero-capable eigenpairs of ``F^T F`` (``rows=True``) or ``F F^T`` via the smaller Gram.
+# -- small exact spectral helpers -----------------------------------------------------------------
+def pad_spectrum(vals: Tensor, size: int) -> Tensor:
+    """Descending ``vals`` (the possibly non-zero eigenvalues) completed with ``size - len`` exact
+    zeros, in descending order: ``(r,) -> (size,)``."""
+    vals = torch.sort(vals, descending=True).values
+    missing = size - vals.numel()
+    if missing <= 0:
+        return vals
+    neg = vals < 0
+    zeros = vals.new_zeros(missing)
+    return torch.cat([vals[~neg], zeros, vals[neg]])
 
-    Returns eigenvalues (descending) and eigenvectors of the *large* matrix as columns.
+
+def gram_eigh(X: Tensor) -> tuple[Tensor, Tensor]:
+    """Eigenpairs of ``X^T X`` (``X``: ``(r, m)``), descending, from the smaller of its two Grams.
+
+    For ``r >= m`` a complete ``m x m`` eigenbasis; for ``r < m`` the ``r`` eigenpairs that can be
+    non-zero, ``x_j = X^T u_j / ||X^T u_j||`` from ``X X^T u_j = s_j u_j``, dropping those whose
+    eigenvalue is zero to working precision (their ``x_j`` would be noise).
     """
-    X = F if rows else F.T  # the matrix is X^T X with X (r, m)
     r, m = X.shape
     if r >= m:
         vals, vecs = torch.linalg.eigh(X.T @ X)
         return vals.flip(0), vecs.flip(1)
     vals, small = torch.linalg.eigh(X @ X.T)
     vals, small = vals.flip(0), small.flip(1)
-    vecs = X.T @ small
-    norms = torch.linalg.norm(vecs, dim=0)
-    safe = norms > 0
-    vecs = torch.where(safe, vecs / torch.where(safe, norms, 1), vecs)
-    return vals.clamp_min(0), vecs
+    keep = vals > vals[0].abs() * r * torch.finfo(X.dtype).eps if r > 0 else vals > 0
+    vecs = X.T @ small[:, keep]
+    return vals[keep], vecs / torch.linalg.norm(vecs, dim=0)
 
 
-class KroneckerGram(SymmetricMatrix):
-    """``P ⊗ Q`` with ``P = F_P^T F_P`` (``F_P``: ``r x a``) and ``Q = F_Q F_Q^T`` (``F_Q``: ``b x s``).
+def _dense_eigh(M: Tensor) -> tuple[Tensor, Tensor]:
+    vals, vecs = torch.linalg.eigh(0.5 * (M + M.T))
+    return vals.flip(0), vecs.flip(1)
 
-    Size ``a*b``; vectors are ``vec`` of ``a x b`` matrices, ``(P ⊗ Q) vec(X) = vec(P X Q)``.
+
+def dense_topk(M: Tensor, k: int) -> tuple[Tensor, Tensor]:
+    """Top-``k`` eigenpairs of a dense symmetric ``M``, descending: ``(k,)``, ``(p, k)``.
+
+    On the CPU, for ``k`` well below ``p``, LAPACK's MRRR (``syevr``) for the wanted index range
+    only: the tridiagonal reduction dominates and no unwanted eigenvector is formed (about 3x
+    faster than a full ``eigh`` at ``p = 4096``).
+    """
+    p = M.shape[0]
+    if M.device.type != "cpu" or 4 * k > p:
+        vals, vecs = _dense_eigh(M)
+        return vals[:k], vecs[:, :k]
+    S = (0.5 * (M + M.T)).numpy()
+    vals, vecs = scipy.linalg.eigh(S, subset_by_index=[p - k, p - 1], driver="evr")
+    as_t = lambda a: torch.from_numpy(a[..., ::-1].copy()).to(M.dtype)  # noqa: E731
+    return as_t(vals), as_t(vecs)
+
+
+class LowRankMixin:
+    """Sums and differences that stay exact and low-rank when every term has ``row_factor()``."""
+
+    def __add__(self, other: SymmetricMatrix) -> SymmetricMatrix:
+        return combine([(1.0, self), (1.0, other)])
+
+    def __sub__(self, other: SymmetricMatrix) -> SymmetricMatrix:
+        return combine([(1.0, self), (-1.0, other)])
+
+    def __rmul__(self, scalar: float) -> SymmetricMatrix:
+        return combine([(float(scalar), self)])
+
+
+# -- F^T diag(w) F ---------------------------------------------------------------------------------
+class RowGram(LowRankMixin, SymmetricMatrix):
+    """``M = F^T diag(w) F = sum_r w_r f_r f_r^T``: rows ``F`` ``(R, p)``, weights ``w`` ``(R,)``.
+
+    Weights may be negative (knockouts ``H - G_X``). For ``R < p`` the exact spectrum comes from a
+    thin QR ``F^T = Q T`` (``Q``: ``p x R``) and the ``R x R`` symmetric ``T diag(w) T^T``: cost
+    ``O(p R^2)``, no ``p x p`` matrix; the other ``p - R`` eigenvalues are exactly 0.
     """
 
-    def __init__(self, F_P: Tensor, F_Q: Tensor) -> None:
-        self.F_P, self.F_Q = F_P, F_Q
-        self.a, self.b = F_P.shape[1], F_Q.shape[0]
-        super().__init__(self.a * self.b, F_P.dtype, F_P.device)
+    def __init__(self, F: Tensor, weights: Tensor | None = None) -> None:
+        super().__init__(F.shape[1], F.dtype, F.device)
+        self.F = F
+        self.w = F.new_ones(F.shape[0]) if weights is None else weights.to(F.dtype)
 
     @property
-    def P(self) -> Tensor:
-        return self.F_P.T @ self.F_P
+    def rank_bound(self) -> int:
+        return min(self.F.shape[0], self.size)
 
-    @property
-    def Q(self) -> Tensor:
-        return self.F_Q @ self.F_Q.T
+    def row_factor(self) -> tuple[Tensor, Tensor]:
+        return self.F, self.w
 
     def matmat(self, V: Tensor) -> Tensor:
-        X = V.T.reshape(-1, self.a, self.b)
-        Y = self.F_P.T @ (self.F_P @ X) @ self.F_Q @ self.F_Q.T
-        return Y.reshape(-1, self.size).T
+        return self.F.T @ (self.w.unsqueeze(1) * (self.F @ V))
 
     def dense(self) -> Tensor:
-        return torch.kron(self.P, self.Q)
-
-    def factor_eigh(
-        self, full: bool = False
-    ) -> tuple[tuple[Tensor, Tensor], tuple[Tensor, Tensor]]:
-        """Eigenpairs (descending) of ``P`` and ``Q``: from their small Grams (the non-zero part),
-        or, with ``full``, complete bases from the ``a x a`` and ``b x b`` factors themselves."""
-        if full:
-            (p, U), (q, W) = torch.linalg.eigh(self.P), torch.linalg.eigh(self.Q)
-            return (p.flip(0), U.flip(1)), (q.flip(0), W.flip(1))
-        return _gram_eigh(self.F_P, rows=True), _gram_eigh(self.F_Q, rows=False)
-
-    def eigvalsh(self) -> Tensor:
-        (p, _), (q, _) = self.factor_eigh()
-        vals = torch.outer(p, q).reshape(-1)
-        vals = torch.sort(vals, descending=True).values
-        missing = self.size - vals.numel()  # the factors' null spaces
-        return torch.cat([vals, vals.new_zeros(missing)]) if missing > 0 else vals
-
-    def topk(self, k: int, tol: float = 0.0) -> tuple[Tensor, Tensor]:
-        """Top-``k`` eigenpairs as Kronecker products of factor eigenvectors (no Lanczos)."""
-        (p, U), (q, W) = self.factor_eigh()
-        if k > p.numel() * q.numel():
-            (p, U), (q, W) = self.factor_eigh(full=True)
-        prods = torch.outer(p, q).reshape(-1)
-        order = torch.argsort(prods, descending=True)[:k]
-        i, j = order // q.numel(), order % q.numel()
-        vecs = (U[:, i].unsqueeze(1) * W[:, j].unsqueeze(0)).reshape(self.size, k)
-        return prods[order], vecs
-
-    def eigh(self) -> tuple[Tensor, Tensor]:
-        return self.topk(self.size)
+        return self.F.T @ (self.w.unsqueeze(1) * self.F)
 
     def trace(self) -> Tensor:
-        return (self.F_P**2).sum() * (self.F_Q**2).sum()
+        return (self.w * (self.F**2).sum(dim=1)).sum()
 
-
-class JacobianGram(SymmetricMatrix):
-    """``V^T V`` with rows ``ã_{n,k} ⊗ h_n / sqrt(N)``: ``Ã`` ``(N, R, d_out)``, ``H`` ``(d_in, N)``."""
-
-    def __init__(self, A_w: Tensor, H: Tensor) -> None:
-        self.A_w, self.H = A_w, H
-        self.N = H.shape[1]
-        self.d_out, self.d_in = A_w.shape[2], H.shape[0]
-        super().__init__(self.d_out * self.d_in, H.dtype, H.device)
-
-    def _apply_V(self, V: Tensor) -> Tensor:
-        """``V x`` for every column: ``(p, m) -> (m, N, R)``."""
-        X = V.T.reshape(-1, self.d_out, self.d_in)
-        return torch.einsum("nrd,mdn->mnr", self.A_w, X @ self.H) / math.sqrt(self.N)
-
-    def _apply_VT(self, S: Tensor) -> Tensor:
-        """``V^T s``: ``(m, N, R) -> (p, m)``."""
-        T = torch.einsum("nrd,mnr->mdn", self.A_w, S) @ self.H.T / math.sqrt(self.N)
-        return T.reshape(-1, self.size).T
-
-    def matmat(self, V: Tensor) -> Tensor:
-        return self._apply_VT(self._apply_V(V))
-
-    def rows(self) -> Tensor:
-        """``V``: ``(N R, p)`` (formed only for Grams and dense output)."""
-        V = torch.einsum("nrd,en->nrde", self.A_w, self.H) / math.sqrt(self.N)
-        return V.reshape(-1, self.size)
-
-    def dense(self) -> Tensor:
-        V = self.rows()
-        return V.T @ V
-
-    def gram(self) -> Tensor:
-        """``V V^T``: ``(NR, NR)`` with entries ``(ã·ã')(h·h')/N``."""
-        AA = torch.einsum("nrd,msd->nrms", self.A_w, self.A_w)
-        HH = self.H.T @ self.H
-        G = AA * HH.unsqueeze(1).unsqueeze(3)
-        R = self.A_w.shape[1]
-        return G.reshape(self.N * R, self.N * R) / self.N
-
-    def eigh(self) -> tuple[Tensor, Tensor]:
-        rows = self.N * self.A_w.shape[1]
-        if rows >= self.size:
-            return super().eigh()
-        vals, small = torch.linalg.eigh(self.gram())
-        vals, small = vals.flip(0).clamp_min(0), small.flip(1)
-        vecs = self._apply_VT(small.T.reshape(-1, self.N, self.A_w.shape[1]))
-        vecs = vecs / torch.linalg.norm(vecs, dim=0).clamp_min(torch.finfo(vecs.dtype).tiny)
-        return vals, vecs  # the remaining p - NR eigenvalues are 0
+    def nonzero_eigh(self) -> tuple[Tensor, Tensor]:
+        """The at most ``R`` eigenpairs that can be non-zero (all ``p`` if ``R >= p``), descending."""
+        if self.F.shape[0] >= self.size:
+            return _dense_eigh(self.dense())
+        Q, T = torch.linalg.qr(self.F.T)  # F^T = Q T
+        vals, small = _dense_eigh(T @ (self.w.unsqueeze(1) * T.T))
+        return vals, Q @ small
 
     def eigvalsh(self) -> Tensor:
-        rows = self.N * self.A_w.shape[1]
-        if rows >= self.size:
-            return super().eigvalsh()
-        vals = torch.linalg.eigvalsh(self.gram()).flip(0).clamp_min(0)
-        return torch.cat([vals, vals.new_zeros(self.size - rows)])
+        if self.F.shape[0] >= self.size:
+            return torch.linalg.eigvalsh(self.dense()).flip(0)
+        _, T = torch.linalg.qr(self.F.T, mode="r")
+        small = T @ (self.w.unsqueeze(1) * T.T)
+        return pad_spectrum(torch.linalg.eigvalsh(0.5 * (small + small.T)), self.size)
 
     def topk(self, k: int, tol: float = 0.0) -> tuple[Tensor, Tensor]:
-        vals, vecs = self.eigh()
-        return vals[:k], vecs[:, :k]
+        if not 1 <= k <= self.size:
+            raise ConfigError("k", k, f"an integer in [1, {self.size}]")
+        vals, vecs = self.nonzero_eigh()
+        if k <= vals.numel() and float(vals[k - 1]) > 0:
+            return vals[:k], vecs[:, :k]
+        return super().topk(k, tol)  # a zero eigenvalue in the top k: its vector needs a basis
 
 
-def _weighted_factors(jac: LayerJacobian, loss: str) -> Tensor:
-    """``Ã_ic = C_ic^T A_ic`` with ``C C^T`` the loss Hessian in the logits: ``(N, K, d_out)``."""
-    A = jac.per_sample_A
-    if loss == "mse":
-        return A
-    p = torch.softmax(jac.Z, dim=0).T  # (N, K)
-    B = torch.diag_embed(p) - p.unsqueeze(2) * p.unsqueeze(1)
-    vals, vecs = torch.linalg.eigh(B)
-    C = vecs * vals.clamp_min(0).sqrt().unsqueeze(1)  # B = C C^T
-    return C.transpose(1, 2) @ A
+def combine(terms: list[tuple[float, SymmetricMatrix]]) -> SymmetricMatrix:
+    """``sum_i a_i M_i``: a :class:`RowGram` when every term has a row factor and the stacked rows
+    are fewer than ``p`` (exact low-rank spectrum), else a :class:`LinearCombination`."""
+    size = terms[0][1].size
+    if all(hasattr(M, "row_factor") for _, M in terms):
+        bound = sum(min(getattr(M, "rank_bound", size), size) for _, M in terms)
+        if bound < size:
+            Fs, ws = [], []
+            for a, M in terms:
+                F, w = M.row_factor()
+                Fs.append(F)
+                ws.append(a * w)
+            return RowGram(torch.cat(Fs), torch.cat(ws))
+    return LinearCombination(terms)
 
 
-def layer_hessian(model: DeepUFM, layer: int, relu_tol: float = 0.0) -> SymmetricMatrix:
-    """Hessian of the data loss with respect to ``vec(W_layer)``: ``(p, p)``, ``p = d_out d_in``.
-
-    ``relu_tol`` counts pre-activations ``u >= -relu_tol * max|u|`` as non-negative (sigma'(0)=1).
-    Works for the linear head of a real network too: build ``DeepUFM(config, features, weights)``.
-    """
-    jac = layer_jacobian(model, layer, relu_tol)
-    if jac.shared and model.config.loss == "mse":
-        return KroneckerGram(jac.A, jac.H / math.sqrt(jac.H.shape[1]))
-    return JacobianGram(_weighted_factors(jac, model.config.loss), jac.H)
-
-
-def gauss_newton(model: DeepUFM, layer: int, relu_tol: float = 0.0) -> SymmetricMatrix:
-    """``G_l`` (M2). For one layer of these models ``G_l = H_l`` exactly: the logits are
-    (piecewise) linear in ``w_l``, so the second-derivative term ``E_l`` vanishes."""
-    return layer_hessian(model, layer, relu_tol)
-
-
-def hessian_residual(model: DeepUFM, layer: int) -> SymmetricMatrix:
-    """``E_l = H_l - G_l``: identically zero for a single layer of a deep UFM (see ``gauss_newton``)."""
-    shape = model.W[layer - 1].shape
-    return _Zero(shape[0] * shape[1], model.H1.dtype, model.H1.device)
-
-
-class _Zero(SymmetricMatrix):
-    """The zero matrix of a given size."""
+class ZeroMatrix(SymmetricMatrix):
+    """The ``p x p`` zero matrix (``E_l`` of one layer)."""
 
     def matmat(self, V: Tensor) -> Tensor:
         return torch.zeros_like(V)
@@ -214,3 +184,335 @@ class _Zero(SymmetricMatrix):
 
     def eigvalsh(self) -> Tensor:
         return torch.zeros(self.size, dtype=self.dtype, device=self.device)
+
+    def row_factor(self) -> tuple[Tensor, Tensor]:
+        return torch.zeros(0, self.size, dtype=self.dtype, device=self.device), torch.zeros(
+            0, dtype=self.dtype, device=self.device
+        )
+
+    rank_bound = 0
+
+
+# -- P ⊗ Q ------------------------------------------------------------------------------------------
+class KroneckerGram(LowRankMixin, SymmetricMatrix):
+    """``P ⊗ Q`` with ``P = F_P^T F_P`` (``F_P``: ``r x a``) and ``Q = F_Q F_Q^T`` (``F_Q``: ``b x s``).
+
+    Size ``a b``; vectors are ``vec`` of ``a x b`` matrices (row-major), and
+    ``(P ⊗ Q) vec(X) = vec(P X Q)`` (THEORY §2). The linear-MSE layer Hessian is
+    ``F_P = A^{(l+1)}`` (``K x d_out``), ``F_Q = H_l / sqrt(N)`` (``d_in x N``). Eigenvalues are the
+    products ``p_i q_j``, eigenvectors ``u_i ⊗ w_j`` (THEORY §2).
+    """
+
+    def __init__(self, F_P: Tensor, F_Q: Tensor) -> None:
+        self.F_P, self.F_Q = F_P, F_Q
+        self.a, self.b = F_P.shape[1], F_Q.shape[0]
+        super().__init__(self.a * self.b, F_P.dtype, F_P.device)
+        self._factors: tuple[tuple[Tensor, Tensor], tuple[Tensor, Tensor]] | None = None
+
+    @property
+    def P(self) -> Tensor:
+        """``F_P^T F_P``: ``(a, a)``."""
+        return self.F_P.T @ self.F_P
+
+    @property
+    def Q(self) -> Tensor:
+        """``F_Q F_Q^T``: ``(b, b)``."""
+        return self.F_Q @ self.F_Q.T
+
+    @property
+    def rank_bound(self) -> int:
+        return min(self.F_P.shape[0], self.a) * min(self.F_Q.shape[1], self.b)
+
+    def matmat(self, V: Tensor) -> Tensor:
+        X = V.T.reshape(-1, self.a, self.b)
+        # Contract through the thin side of each factor first: O(r a b + r b s) instead of O(a b^2).
+        thin_P, thin_Q = self.F_P.shape[0] < self.a, self.F_Q.shape[1] < self.b
+        Y = self.F_P @ X if thin_P else self.P @ X
+        Y = (Y @ self.F_Q) @ self.F_Q.T if thin_Q else Y @ self.Q
+        if thin_P:
+            Y = self.F_P.T @ Y
+        return Y.reshape(-1, self.size).T
+
+    def dense(self) -> Tensor:
+        return torch.kron(self.P, self.Q)
+
+    def trace(self) -> Tensor:
+        return (self.F_P**2).sum() * (self.F_Q**2).sum()
+
+    def factor_eigh(
+        self, full: bool = False
+    ) -> tuple[tuple[Tensor, Tensor], tuple[Tensor, Tensor]]:
+        """Eigenpairs (descending) of ``P`` and ``Q``: ``((p, U), (q, W))``, ``U``: ``(a, alpha)``.
+
+        By default only the pairs that can be non-zero, from the smaller Grams (``K x K`` and
+        ``min(d, N)``-sized for a layer Hessian); with ``full``, complete bases (``a x a``, ``b x b``).
+        """
+        if full:
+            return _dense_eigh(self.P), _dense_eigh(self.Q)
+        if self._factors is None:
+            self._factors = (gram_eigh(self.F_P), gram_eigh(self.F_Q.T))
+        return self._factors
+
+    def eigvalsh(self) -> Tensor:
+        """All ``a b`` eigenvalues, descending: the products of the factors' non-zero eigenvalues,
+        then exact zeros (the products involving a factor's null space)."""
+        (p, _), (q, _) = self.factor_eigh()
+        return pad_spectrum(torch.outer(p, q).reshape(-1), self.size)
+
+    def topk_factors(self, k: int) -> tuple[Tensor, Tensor, Tensor]:
+        """Top-``k`` eigenpairs in factored form: values ``(k,)``, ``U`` ``(a, k)``, ``W`` ``(b, k)``;
+        eigenvector ``j`` is ``U[:, j] ⊗ W[:, j]`` (``p`` numbers never stored)."""
+        if not 1 <= k <= self.size:
+            raise ConfigError("k", k, f"an integer in [1, {self.size}]")
+        (p, U), (q, W) = self.factor_eigh()
+        if k > p.numel() * q.numel():  # needs null-space directions: complete factor bases
+            (p, U), (q, W) = self.factor_eigh(full=True)
+        prods = torch.outer(p, q).reshape(-1)
+        order = torch.argsort(prods, descending=True)[:k]
+        i, j = order // q.numel(), order % q.numel()
+        return prods[order], U[:, i], W[:, j]
+
+    def topk(self, k: int, tol: float = 0.0) -> tuple[Tensor, Tensor]:
+        """Top-``k`` eigenpairs as Kronecker products of factor eigenvectors (no Lanczos):
+        ``(k,)``, ``(a b, k)``."""
+        vals, U, W = self.topk_factors(k)
+        return vals, (U.unsqueeze(1) * W.unsqueeze(0)).reshape(self.size, k)
+
+    def eigh(self) -> tuple[Tensor, Tensor]:
+        return self.topk(self.size)
+
+    def nonzero_eigh(self) -> tuple[Tensor, Tensor]:
+        """The eigenpairs with products of non-zero factor eigenvalues, descending."""
+        (p, _), (q, _) = self.factor_eigh()
+        return self.topk(p.numel() * q.numel())
+
+    def row_factor(self) -> tuple[Tensor, Tensor]:
+        """``F`` with rows ``u_i ⊗ w_j`` and weights ``p_i q_j`` (the non-zero eigenpairs)."""
+        (p, U), (q, W) = self.factor_eigh()
+        F = (U.T.unsqueeze(1).unsqueeze(3) * W.T.unsqueeze(0).unsqueeze(2)).reshape(-1, self.size)
+        return F, torch.outer(p, q).reshape(-1)
+
+
+# -- Grams of sample-indexed Jacobian rows ----------------------------------------------------------
+class RowSpaceGram(LowRankMixin, SymmetricMatrix):
+    """``V^T V`` for a ``V`` with ``N R`` rows indexed ``(sample n, r)``, given through products.
+
+    Subclasses provide ``apply_V`` (``(p, m) -> (m, N, R)``), ``apply_VT`` (its adjoint),
+    ``gram`` (``V V^T``, ``(NR, NR)``), ``rows`` (``V``) and ``rank_bound``; this class chooses
+    between the Gram route (``NR < p``: an ``NR x NR`` eigenproblem, eigenvectors
+    ``V^T u / ||V^T u||``) and the dense ``p x p`` one.
+    """
+
+    N: int
+    R: int
+
+    def matmat(self, V: Tensor) -> Tensor:
+        return self.apply_VT(self.apply_V(V))
+
+    def row_factor(self) -> tuple[Tensor, Tensor]:
+        F = self.rows()
+        return F, F.new_ones(F.shape[0])
+
+    def _use_gram(self) -> bool:
+        return self.N * self.R < self.size
+
+    def nonzero_eigh(self) -> tuple[Tensor, Tensor]:
+        """Every eigenpair that can be non-zero, descending: ``rank_bound`` of them (all ``p`` on
+        the dense route)."""
+        if not self._use_gram():
+            return _dense_eigh(self.dense())
+        vals, small = _dense_eigh(self.gram())
+        return self._lift(vals[: self.rank_bound], small[:, : self.rank_bound])
+
+    def _lift(self, vals: Tensor, small: Tensor) -> tuple[Tensor, Tensor]:
+        """Gram eigenvectors ``u`` ``(NR, k)`` to eigenvectors ``V^T u / ||V^T u||`` ``(p, k)``."""
+        vecs = self.apply_VT(small.T.reshape(-1, self.N, self.R))
+        norms = torch.linalg.norm(vecs, dim=0)
+        # null directions of the Gram map to 0: keep them as zero columns rather than divide by 0
+        return vals, vecs / torch.where(norms > 0, norms, torch.ones_like(norms))
+
+    def eigvalsh(self) -> Tensor:
+        if not self._use_gram():
+            return torch.linalg.eigvalsh(self.dense()).flip(0)
+        vals = torch.linalg.eigvalsh(self.gram()).flip(0)[: self.rank_bound]
+        return pad_spectrum(vals, self.size)
+
+    def topk(self, k: int, tol: float = 0.0) -> tuple[Tensor, Tensor]:
+        if not 1 <= k <= self.size:
+            raise ConfigError("k", k, f"an integer in [1, {self.size}]")
+        if not self._use_gram():
+            return dense_topk(self.dense(), k)
+        if k <= self.rank_bound:
+            vals, vecs = self._lift(*dense_topk(self.gram(), k))
+            if float(vals[k - 1]) > 0:
+                return vals, vecs
+        return super().topk(k, tol)  # a zero eigenvalue in the top k: its vector needs a basis
+
+
+class JacobianGram(RowSpaceGram):
+    """``(1/N) sum_n (Ã_n^T Ã_n) ⊗ (h_n h_n^T) = V^T C V``, rows ``ã_{n,r} ⊗ h_n / sqrt(N)`` of ``V``.
+
+    Args:
+        A_w: ``(N, R, d_out)`` per-sample weighted back products, or ``(R, d_out)`` shared.
+        H: layer inputs ``(d_in, N)``, class-major columns.
+        class_size: if given (``n``), ``C`` centres the rows over the samples of each class
+            (``v_{icr} -> v_{icr} - mean_i v_{icr}``: Papyan's ``G_within``); else ``C = I``.
+
+    ``matmat`` costs ``O(N R d_out + d_out d_in N)`` per vector; nothing of size ``p x p`` or
+    ``NR x p`` is formed except by ``dense``/``rows``. Spectrum: from the ``NR x NR`` Gram
+    ``C (ÃÃ^T ∘ H^T H) C / N`` when ``NR < p``, else dense.
+    """
+
+    def __init__(self, A_w: Tensor, H: Tensor, class_size: int | None = None) -> None:
+        self.A_w, self.H, self.class_size = A_w, H, class_size
+        self.shared = A_w.dim() == 2
+        self.N, self.R = H.shape[1], A_w.shape[-2]
+        self.d_out, self.d_in = A_w.shape[-1], H.shape[0]
+        super().__init__(self.d_out * self.d_in, H.dtype, H.device)
+
+    @property
+    def rank_bound(self) -> int:
+        rows = self.N * self.R
+        if self.class_size is not None:
+            rows -= (self.N // self.class_size) * self.R
+        return min(rows, self.size)
+
+    def _center(self, S: Tensor) -> Tensor:
+        """``C`` on sample-indexed tensors ``(..., N, R)``: subtract each class's mean over samples."""
+        if self.class_size is None:
+            return S
+        n = self.class_size
+        S = S.reshape(*S.shape[:-2], self.N // n, n, self.R)
+        return (S - S.mean(dim=-2, keepdim=True)).reshape(*S.shape[:-3], self.N, self.R)
+
+    def apply_V(self, V: Tensor) -> Tensor:
+        """``C V x`` for every column: ``(p, m) -> (m, N, R)``."""
+        XH = V.T.reshape(-1, self.d_out, self.d_in) @ self.H  # (m, d_out, N)
+        if self.shared:
+            S = (self.A_w @ XH).transpose(1, 2)
+        else:
+            S = torch.einsum("nrd,mdn->mnr", self.A_w, XH)
+        return self._center(S) / math.sqrt(self.N)
+
+    def apply_VT(self, S: Tensor) -> Tensor:
+        """``V^T C s``: ``(m, N, R) -> (p, m)``."""
+        S = self._center(S)
+        if self.shared:
+            T = self.A_w.T @ S.transpose(1, 2)  # (m, d_out, N)
+        else:
+            T = torch.einsum("nrd,mnr->mdn", self.A_w, S)
+        return (T @ self.H.T).reshape(-1, self.size).T / math.sqrt(self.N)
+
+    def per_sample_A(self) -> Tensor:
+        """``Ã_n`` for every sample: ``(N, R, d_out)`` (an expanded view when shared)."""
+        if self.shared:
+            return self.A_w.unsqueeze(0).expand(self.N, self.R, self.d_out)
+        return self.A_w
+
+    def rows(self) -> Tensor:
+        """``C V``: ``(N R, p)``, rows ordered ``(sample, r)`` (formed only on request)."""
+        V = torch.einsum("nrd,en->nrde", self.per_sample_A(), self.H) / math.sqrt(self.N)
+        V = V.reshape(self.N, self.R, self.size)
+        if self.class_size is not None:
+            n = self.class_size
+            V = V.reshape(self.N // n, n, self.R, self.size)
+            V = V - V.mean(dim=1, keepdim=True)
+        return V.reshape(-1, self.size)
+
+    def dense(self) -> Tensor:
+        """``(1/N) sum_n (Ã_n^T Ã_n) ⊗ (h_n h_n^T)`` as one ``(a a', N) x (N, b b')`` product
+        (``R`` times cheaper than ``V^T V``); centring removes ``(n/N) sum_{c,r} v̄_cr v̄_cr^T``."""
+        A = self.per_sample_A()
+        S = (A.transpose(1, 2) @ A).reshape(self.N, -1)  # (N, d_out^2)
+        HH = (self.H.T.unsqueeze(2) * self.H.T.unsqueeze(1)).reshape(self.N, -1)
+        G = (S.T @ HH).reshape(self.d_out, self.d_out, self.d_in, self.d_in)
+        G = G.permute(0, 2, 1, 3).reshape(self.size, self.size) / self.N
+        if self.class_size is not None:
+            n = self.class_size
+            K = self.N // n
+            Ak = A.reshape(K, n, self.R, self.d_out)
+            Hk = self.H.reshape(self.d_in, K, n)
+            means = torch.einsum("cird,eci->crde", Ak, Hk).reshape(K * self.R, -1) / n
+            G = G - (n / self.N) * (means.T @ means)
+        return 0.5 * (G + G.T)
+
+    def gram(self) -> Tensor:
+        """``C V V^T C``: ``(NR, NR)``, entries ``(ã_{n,r}·ã_{n',r'})(h_n·h_n')/N`` before centring."""
+        HH = self.H.T @ self.H
+        if self.shared:
+            G = torch.kron(HH, self.A_w @ self.A_w.T)
+        else:
+            Af = self.A_w.reshape(self.N * self.R, self.d_out)
+            G = Af @ Af.T
+            G.view(self.N, self.R, self.N, self.R).mul_(HH.unsqueeze(1).unsqueeze(3))
+        G = G / self.N
+        if self.class_size is not None:
+            n, K, R = self.class_size, self.N // self.class_size, self.R
+            G4 = G.reshape(K, n, R, K, n, R)
+            G4 = G4 - G4.mean(dim=1, keepdim=True)
+            G = (G4 - G4.mean(dim=4, keepdim=True)).reshape(self.N * R, self.N * R)
+        return G
+
+    def trace(self) -> Tensor:
+        if self.class_size is None:
+            A2 = (self.per_sample_A() ** 2).sum(dim=(1, 2))  # ||Ã_n||_F^2
+            return (A2 * (self.H**2).sum(dim=0)).sum() / self.N
+        return torch.diagonal(self.gram()).sum()
+
+
+# -- the layer Hessian -----------------------------------------------------------------------------
+def check_layer(model: DeepUFM, layer: int) -> None:
+    L = model.config.L
+    if isinstance(layer, bool) or not isinstance(layer, int) or not 1 <= layer <= L:
+        raise ConfigError("layer", layer, f"an integer in [1, L={L}]")
+
+
+def loss_weighted_factors(jac: LayerJacobian, loss: str) -> Tensor:
+    """``Ã_ic = M_ic A_ic`` with ``M_ic^T M_ic = B_ic`` the loss Hessian in the logits.
+
+    MSE: ``M = I`` (returns ``A`` as is: ``(K, d_out)`` shared or ``(N, K, d_out)``). CE:
+    ``B = diag(p) - p p^T = M^T M`` with ``M = diag(sqrt p)(I - 1 p^T)``, i.e. rows
+    ``sqrt(p_k) (a_k - sum_j p_j a_j)`` (Papyan 2020): ``(N, K, d_out)``.
+    """
+    if loss == "mse":
+        return jac.A
+    p = torch.softmax(jac.Z, dim=0).T  # (N, K)
+    A = jac.per_sample_A
+    mean = torch.einsum("nk,nkd->nd", p, A)
+    return p.sqrt().unsqueeze(2) * (A - mean.unsqueeze(1))
+
+
+def layer_hessian(model: DeepUFM, layer: int, relu_tol: float = 0.0) -> SymmetricMatrix:
+    """Hessian of the data loss with respect to ``w_l = vec(W_layer)`` (M2): ``(p, p)``,
+    ``p = d_out d_in``; a :class:`KroneckerGram` for linear MSE (and the last layer of a ReLU MSE
+    model, where ``A = I``), else a :class:`JacobianGram`.
+
+    ``relu_tol``: pre-activations ``u >= -relu_tol * max|u|`` count as non-negative
+    (sigma'(0) = 1, THEORY §3).
+
+    The linear head of a real network is the same object: build
+    ``DeepUFM(config, features, [W_1, ..., W_L])`` with the head's input features (``d x N``,
+    class-major, ``n`` per class) as ``H1``. Nothing here treats ``H1`` as a parameter; only the
+    weights are differentiated.
+    """
+    check_layer(model, layer)
+    jac = layer_jacobian(model, layer, relu_tol)
+    if jac.shared and model.config.loss == "mse":
+        return KroneckerGram(jac.A, jac.H / math.sqrt(jac.H.shape[1]))
+    return JacobianGram(loss_weighted_factors(jac, model.config.loss), jac.H)
+
+
+def gauss_newton(model: DeepUFM, layer: int, relu_tol: float = 0.0) -> SymmetricMatrix:
+    """``G_l = 1/N sum_ic J_ic^T B_ic J_ic`` (M2). For one layer of a deep UFM it *is* the layer
+    Hessian: ``E_l = 0`` because the logits are (piecewise) linear in ``w_l`` (module docstring)."""
+    return layer_hessian(model, layer, relu_tol)
+
+
+def hessian_residual(model: DeepUFM, layer: int, relu_tol: float = 0.0) -> SymmetricMatrix:
+    """``E_l = H_l - G_l`` (M2): identically zero for one layer of a linear or ReLU deep UFM, with
+    MSE or CE, at every point (a.e. for ReLU) — ``E_l`` sums ``dl/dz_k d^2 z_k / dw_l^2`` and
+    ``z`` is (piecewise) linear in ``w_l``. Returned as a :class:`ZeroMatrix` of size ``p``."""
+    check_layer(model, layer)
+    del relu_tol  # E_l vanishes whatever the masks are
+    d_out, d_in = model.W[layer - 1].shape
+    return ZeroMatrix(d_out * d_in, model.H1.dtype, model.H1.device)

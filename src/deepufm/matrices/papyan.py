@@ -1,125 +1,158 @@
-"""Papyan's class / cross-class / within-class decomposition of ``G_l`` and knockouts (THEORY M3).
+"""Papyan's class / cross-class / within-class decomposition of ``G_l`` and knockouts (THEORY §5, M3).
 
-With Jacobian rows ``v_{icc'} = grad_{w_l} z_{ic,c'}`` (MSE: unit weights), class-pair means
-``v_{cc'} = mean_i v_{icc'}`` and class means ``v_c = mean_{c'} v_{cc'}`` (over the *output* index),
+With Jacobian rows ``v_{icc'} = grad_{w_l} z_{ic,c'}`` (unit weights: the MSE loss Hessian is
+``I_K``), class-pair means ``v_{cc'} = mean_i v_{icc'}`` and class means ``v_c = mean_{c'} v_{cc'}``
+(over the *output* index ``c'``), exactly and at every point,
 
-    G_l = sum_c v_c v_c^T                                   (G_class, uncentred, rank <= K)
-        + 1/K sum_{c,c'} (v_cc' - v_c)(v_cc' - v_c)^T       (G_cross, rank <= K(K-1))
-        + 1/N sum_{i,c,c'} (v_icc' - v_cc')(v_icc' - v_cc')^T (G_within)
+    G_l = sum_c v_c v_c^T                                     G_class  (uncentred, rank <= K)
+        + 1/K sum_{c,c'} (v_cc' - v_c)(v_cc' - v_c)^T         G_cross  (rank <= K(K-1))
+        + 1/N sum_{i,c,c'} (v_icc' - v_cc')(v_icc' - v_cc')^T G_within
 
-exactly, at every point. For cross-entropy the rows are Papyan's (2020) loss-Hessian-weighted ones,
-``sqrt(p_{icc'}) (v_{icc'} - sum_k p_{ick} v_{ick})``, whose Gram is again ``G_l``; the same three
-sums are then taken over them. A knockout is the spectrum of ``H_l - G_X``.
+(no probability weights, the ``c' = c`` terms kept: THEORY M3). A knockout is the spectrum of
+``H_l - G_X``; for one layer ``H_l = G_l`` (``hessian.hessian_residual``).
+
+Cross-entropy: the same three sums are taken over Papyan's (2020) loss-Hessian-weighted rows
+``u_{icc'} = sqrt(p_{icc'}) (v_{icc'} - sum_k p_{ick} v_{ick})``, whose second moment
+``1/N sum u u^T`` is again exactly ``G_l`` (``diag(p) - p p^T = M^T M``,
+``M = diag(sqrt p)(I - 1 p^T)``). :attr:`PapyanDecomposition.form` says which form was used.
+
+Structure: everything is built from ``v_{icc'} = ã_{ic,c'} ⊗ h_ic``. In the linear MSE model
+(``ã`` shared) all four matrices are Kronecker products,
+
+    G = (A^T A) ⊗ (H H^T / N),             G_class = (ā ā^T) ⊗ (M M^T),
+    G_cross = (A^T S A / K) ⊗ (M M^T),     G_within = (A^T A) ⊗ (H_c H_c^T / N),
+
+(``ā`` the mean row of ``A``, ``M`` the class means of ``H``, ``H_c = H - M ⊗ 1_n^T``), so their
+spectra cost two small eigenproblems. Otherwise ``G_class``/``G_cross`` are held by their ``K`` and
+``K^2`` rows and ``G_within`` as a within-class-centred :class:`JacobianGram`.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
+from deepufm.matrices.hessian import (
+    JacobianGram,
+    KroneckerGram,
+    RowGram,
+    check_layer,
+    loss_weighted_factors,
+)
 from deepufm.matrices.jacobian import layer_jacobian
 from deepufm.matrices.operator import SymmetricMatrix
 from deepufm.models.ufm import DeepUFM
 
-
-class RowGram(SymmetricMatrix):
-    """``sum_r s_r f_r f_r^T`` for rows ``F`` ``(R, p)`` and signs/weights ``s`` ``(R,)``.
-
-    Low rank; the exact non-zero spectrum comes from a QR of ``F^T`` (``p x R``) and the
-    ``R x R`` symmetric matrix ``T diag(s) T^T`` — valid for indefinite weights (knockouts).
-    """
-
-    def __init__(self, F: Tensor, weights: Tensor | None = None) -> None:
-        super().__init__(F.shape[1], F.dtype, F.device)
-        self.F = F
-        self.w = (
-            torch.ones(F.shape[0], dtype=F.dtype, device=F.device) if weights is None else weights
-        )
-
-    def matmat(self, V: Tensor) -> Tensor:
-        return self.F.T @ (self.w.unsqueeze(1) * (self.F @ V))
-
-    def dense(self) -> Tensor:
-        return self.F.T @ (self.w.unsqueeze(1) * self.F)
-
-    def eigh(self) -> tuple[Tensor, Tensor]:
-        if self.F.shape[0] >= self.size:
-            return super().eigh()
-        Q, T = torch.linalg.qr(self.F.T)  # F^T = Q T, Q (p, R)
-        vals, vecs = torch.linalg.eigh(T @ (self.w.unsqueeze(1) * T.T))
-        order = torch.argsort(vals, descending=True)
-        return vals[order], Q @ vecs[:, order]
-
-    def eigvalsh(self) -> Tensor:
-        vals, _ = self.eigh()
-        missing = self.size - vals.numel()
-        return torch.sort(
-            torch.cat([vals, vals.new_zeros(max(missing, 0))]), descending=True
-        ).values
-
-    def topk(self, k: int, tol: float = 0.0) -> tuple[Tensor, Tensor]:
-        vals, vecs = self.eigh()
-        return vals[:k], vecs[:, :k]
-
-    def __sub__(self, other: SymmetricMatrix) -> SymmetricMatrix:
-        if isinstance(other, RowGram):
-            return RowGram(torch.cat([self.F, other.F]), torch.cat([self.w, -other.w]))
-        return super().__sub__(other)
+FORMS = {"mse": "mse (unit weights, THEORY M3)", "ce": "ce-loss-hessian-weighted (Papyan 2020)"}
 
 
 @dataclass(frozen=True)
 class PapyanDecomposition:
-    """``G_l = class_ + cross + within`` for one layer; each term a :class:`RowGram`."""
+    """``gauss_newton = class_ + cross + within`` for one layer (each ``(p, p)``).
 
-    gauss_newton: RowGram
-    class_: RowGram
-    cross: RowGram
-    within: RowGram
+    Attributes:
+        gauss_newton: ``G_l`` (equal to the layer Hessian ``H_l``).
+        class_, cross, within: the three terms of THEORY M3.
+        form: ``"mse (unit weights, THEORY M3)"`` or
+            ``"ce-loss-hessian-weighted (Papyan 2020)"`` (module docstring).
+    """
 
-    def components(self) -> dict[str, RowGram]:
+    gauss_newton: SymmetricMatrix
+    class_: SymmetricMatrix
+    cross: SymmetricMatrix
+    within: SymmetricMatrix
+    form: str
+
+    def components(self) -> dict[str, SymmetricMatrix]:
+        """``{"class": G_class, "cross": G_cross, "within": G_within}``."""
         return {"class": self.class_, "cross": self.cross, "within": self.within}
+
+    def knockouts(self) -> dict[str, SymmetricMatrix]:
+        """``{X: H_l - G_X}`` — exact low-rank matrices whenever the row counts allow.
+
+        ``H_l - G_within`` is taken as ``G_class + G_cross`` (``K + K^2`` rows): the same matrix by
+        the M3 identity (``H_l = G_l`` for one layer), without cancelling the large within-class
+        part against itself.
+        """
+        return {
+            "class": self.gauss_newton - self.class_,
+            "cross": self.gauss_newton - self.cross,
+            "within": self.class_ + self.cross,
+        }
 
 
 def jacobian_rows(model: DeepUFM, layer: int, relu_tol: float = 0.0) -> Tensor:
-    """Rows ``v_{icc'}``: ``(K_samples, n, K_outputs, p)``, loss-weighted for CE (module docstring)."""
+    """Rows ``v_{icc'}`` (loss-Hessian-weighted for CE): ``(K, n, K, p)`` indexed ``(c, i, c', :)``.
+
+    Formed explicitly (``N K p`` numbers): for inspection and tests, not used by the decomposition.
+    """
+    check_layer(model, layer)
     cfg = model.config
     jac = layer_jacobian(model, layer, relu_tol)
-    A = jac.per_sample_A  # (N, K, d_out)
-    v = torch.einsum("nkd,en->nkde", A, jac.H).reshape(cfg.N, cfg.K, -1)
-    if cfg.loss == "ce":
-        p = torch.softmax(jac.Z, dim=0).T  # (N, K)
-        mean = torch.einsum("nk,nkq->nq", p, v)
-        v = p.sqrt().unsqueeze(2) * (v - mean.unsqueeze(1))
+    A = loss_weighted_factors(jac, cfg.loss)
+    A = A.unsqueeze(0).expand(cfg.N, *A.shape) if A.dim() == 2 else A
+    v = torch.einsum("nkd,en->nkde", A, jac.H)
     return v.reshape(cfg.K, cfg.n, cfg.K, -1)
 
 
 def papyan_decomposition(model: DeepUFM, layer: int, relu_tol: float = 0.0) -> PapyanDecomposition:
-    """Class / cross-class / within-class parts of the layer Gauss–Newton matrix (THEORY M3)."""
-    v = jacobian_rows(model, layer, relu_tol)  # (c, i, c', p)
-    K, n = v.shape[0], v.shape[1]
-    N = K * n
-    v_pair = v.mean(dim=1)  # (c, c', p)
-    v_class = v_pair.mean(dim=1)  # (c, p)
-    within = (v - v_pair.unsqueeze(1)).reshape(-1, v.shape[-1])
-    cross = (v_pair - v_class.unsqueeze(1)).reshape(-1, v.shape[-1])
-    one = lambda F, s: RowGram(F, torch.full((F.shape[0],), s, dtype=F.dtype, device=F.device))  # noqa: E731
+    """``G_class``, ``G_cross``, ``G_within`` of the layer Gauss–Newton matrix (THEORY M3; for CE
+    the loss-Hessian-weighted rows of Papyan 2020 — see the module docstring and ``form``).
+
+    ``relu_tol``: pre-activations ``u >= -relu_tol * max|u|`` count as non-negative.
+    """
+    check_layer(model, layer)
+    cfg = model.config
+    K, n, N = cfg.K, cfg.n, cfg.N
+    jac = layer_jacobian(model, layer, relu_tol)
+    H = jac.H  # (d_in, N)
+    means = H.reshape(H.shape[0], K, n).mean(dim=2)  # (d_in, K): mu_c
+    form = FORMS[cfg.loss]
+    if jac.shared and cfg.loss == "mse":
+        A = jac.A  # (K, d_out): rows a_c'
+        a_bar = A.mean(dim=0, keepdim=True)
+        centred = H - means.repeat_interleave(n, dim=1)
+        return PapyanDecomposition(
+            gauss_newton=KroneckerGram(A, H / math.sqrt(N)),
+            class_=KroneckerGram(a_bar, means),
+            cross=KroneckerGram((A - a_bar) / math.sqrt(K), means),
+            within=KroneckerGram(A, centred / math.sqrt(N)),
+            form=form,
+        )
+    A_w = loss_weighted_factors(jac, cfg.loss)
+    A_w = A_w.unsqueeze(0).expand(N, *A_w.shape) if A_w.dim() == 2 else A_w
+    R, d_out = A_w.shape[1], A_w.shape[2]
+    # v_{cc'} = (1/n) sum_i ã_{ic,c'} ⊗ h_ic without forming any v_{icc'}: (K, R, p)
+    v_pair = (
+        torch.einsum("cird,eci->crde", A_w.reshape(K, n, R, d_out), H.reshape(-1, K, n)).reshape(
+            K, R, -1
+        )
+        / n
+    )
+    v_class = v_pair.mean(dim=1)  # (K, p)
+    cross_rows = (v_pair - v_class.unsqueeze(1)).reshape(K * R, -1)
     return PapyanDecomposition(
-        gauss_newton=one(v.reshape(-1, v.shape[-1]), 1.0 / N),
-        class_=one(v_class, 1.0),
-        cross=one(cross, 1.0 / K),
-        within=one(within, 1.0 / N),
+        gauss_newton=JacobianGram(A_w, H),
+        class_=RowGram(v_class),
+        cross=RowGram(cross_rows, cross_rows.new_full((K * R,), 1.0 / K)),
+        within=JacobianGram(A_w, H, class_size=n),
+        form=form,
     )
 
 
 def knockout_spectra(
     model: DeepUFM, layer: int, k: int | None = None, relu_tol: float = 0.0
 ) -> dict[str, Tensor]:
-    """Descending eigenvalues of ``H_l - G_X`` for ``X`` in class, cross, within (top ``k``;
-    default ``K^2``). ``H_l = G_l`` for a single layer (``hessian.gauss_newton``)."""
+    """Descending eigenvalues of ``H_l - G_X`` for ``X`` in ``class``, ``cross``, ``within``
+    (THEORY M3; v1 Figs 5-6, v2 Figs 9-10): ``{X: (k,)}``, all ``p`` of them when ``k`` is None.
+
+    Exact: each knockout is a difference of row-factored matrices, diagonalised through a thin QR of
+    its rows when they are fewer than ``p`` (``RowGram``), densely otherwise. At a DNC optimum the
+    non-zero counts are ``K(K-1)``, ``K`` and ``K^2`` (THEORY §6).
+    """
     dec = papyan_decomposition(model, layer, relu_tol)
-    k = model.config.K**2 if k is None else k
-    return {
-        name: (dec.gauss_newton - part).eigvalsh()[:k] for name, part in dec.components().items()
-    }
+    out = {name: M.eigvalsh() for name, M in dec.knockouts().items()}
+    return out if k is None else {name: vals[:k] for name, vals in out.items()}

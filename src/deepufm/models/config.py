@@ -41,6 +41,9 @@ class UFMConfig:
 
     Attributes:
         K: classes (>= 2). n: samples per class (>= 1). d: width (>= K). L: weight layers (>= 1).
+        d_in: rows of ``H_1`` (columns of ``W_1``) when they differ from ``d`` — the feature
+            dimension of a real network's head input (THEORY §10); ``None`` (the default, and the
+            stored value whenever ``d_in == d``) means ``d``. See :attr:`input_dim`.
         activation: ``"linear"`` or ``"relu"`` (on the pre-activations of layers 2..L).
         loss: ``"mse"`` or ``"ce"``.
         init_std: standard deviation of the i.i.d. normal initialisation; default ``1/sqrt(d)``.
@@ -62,6 +65,7 @@ class UFMConfig:
     dtype: str = "float64"
     device: str = "auto"
     seed: int = 0
+    d_in: int | None = None
 
     def __post_init__(self) -> None:
         _check_int("K", self.K, 2)
@@ -71,6 +75,14 @@ class UFMConfig:
             raise ConfigError(
                 "d", self.d, f"an integer >= K={self.K} (the width must hold K classes)"
             )
+        if self.d_in is not None:
+            if isinstance(self.d_in, bool) or not isinstance(self.d_in, int) or self.d_in < self.K:
+                raise ConfigError(
+                    "d_in", self.d_in, f"an integer >= K={self.K}, or None for d_in = d"
+                )
+            if self.d_in == self.d:
+                # One spelling per model, so that equal models compare and serialise equal.
+                object.__setattr__(self, "d_in", None)
         if self.activation not in ACTIVATIONS:
             raise ConfigError("activation", self.activation, f"one of {', '.join(ACTIVATIONS)}")
         if self.loss not in LOSSES:
@@ -132,14 +144,27 @@ class UFMConfig:
     def torch_device(self) -> torch.device:
         return resolve_device(self.device)
 
+    @property
+    def input_dim(self) -> int:
+        """Rows of ``H_1``: ``d_in`` when given, else ``d``."""
+        return self.d if self.d_in is None else self.d_in
+
     def layer_shapes(self) -> list[tuple[int, int]]:
-        """Shapes of ``W_1 .. W_L``: ``(d, d)`` for hidden layers, ``(K, d)`` for the last."""
-        return [(self.d, self.d)] * (self.L - 1) + [(self.K, self.d)]
+        """Shapes of ``W_1 .. W_L``: ``(d, d)`` for hidden layers, ``(K, d)`` for the last.
+
+        ``W_1`` has ``input_dim`` columns (``(d, d_in)``, or ``(K, d_in)`` when ``L = 1``).
+        """
+        shapes = [(self.d, self.d)] * (self.L - 1) + [(self.K, self.d)]
+        shapes[0] = (shapes[0][0], self.input_dim)
+        return shapes
 
     # -- serialisation -----------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
         out = asdict(self)
         out["lam_W"] = list(self.lam_W)
+        if out["d_in"] is None:
+            # Square models keep the key set they had before d_in existed (stored config.json).
+            del out["d_in"]
         return out
 
     @classmethod
@@ -158,7 +183,7 @@ class UFMConfig:
         return cls(**data)
 
 
-_INT_KEYS = {"K", "n", "d", "L", "seed"}
+_INT_KEYS = {"K", "n", "d", "L", "seed", "d_in"}
 _STR_KEYS = {"activation", "loss", "dtype", "device"}
 
 

@@ -17,7 +17,8 @@ class DeepUFM:
 
     Attributes:
         config: the hyperparameters.
-        H1: unconstrained features, ``(d, N)``, class-major columns.
+        H1: unconstrained features, ``(d, N)``, class-major columns (``(d_in, N)`` when the config
+            has ``d_in``, e.g. the head of a real network, THEORY §10).
         W: ``[W_1, ..., W_L]``; ``W_l`` is ``(d, d)`` for ``l < L`` and ``W_L`` is ``(K, d)``.
 
     Layer ``l`` is the weight ``W_l``; its input features are ``H_l`` (``features()[l-1]``).
@@ -29,8 +30,10 @@ class DeepUFM:
 
     def __post_init__(self) -> None:
         cfg = self.config
-        if tuple(self.H1.shape) != (cfg.d, cfg.N):
-            raise ValueError(f"H1 has shape {tuple(self.H1.shape)}, expected {(cfg.d, cfg.N)}")
+        if tuple(self.H1.shape) != (cfg.input_dim, cfg.N):
+            raise ValueError(
+                f"H1 has shape {tuple(self.H1.shape)}, expected {(cfg.input_dim, cfg.N)}"
+            )
         shapes = [tuple(W.shape) for W in self.W]
         if shapes != cfg.layer_shapes():
             raise ValueError(f"W has shapes {shapes}, expected {cfg.layer_shapes()}")
@@ -48,7 +51,7 @@ class DeepUFM:
         def draw(shape: tuple[int, int]) -> Tensor:
             return (torch.randn(shape, generator=gen, dtype=dtype) * config.init_std).to(device)
 
-        H1 = draw((config.d, config.N))
+        H1 = draw((config.input_dim, config.N))
         return cls(config, H1, [draw(s) for s in config.layer_shapes()])
 
     # -- views ---------------------------------------------------------------------------------
