@@ -5,7 +5,7 @@ import json
 import pytest
 
 from deepufm.cli import main
-from deepufm.experiments import linear_ufm
+from deepufm.experiments import linear_ufm, relu_ufm
 from deepufm.experiments.registry import catalogue
 from deepufm.models.config import UFMConfig
 from deepufm.training.config import TrainConfig
@@ -75,3 +75,51 @@ def test_ce_ufm_experiment_reproduces_theorem_9(tmp_path, capsys):
     assert all(r["holds"] for r in results), [r for r in results if not r["holds"]]
     assert any(r["quantity"].startswith("Hessian dominant spike") for r in results)
     assert (out / "figures" / "ce-thm9.png").is_file()
+
+
+@pytest.fixture
+def tiny_relu(monkeypatch):
+    # Seeded so that gradient descent ends, as it typically does (THEORY §7), on the flat family
+    # of the first ReLU: u^(2) keeps negative entries, the deeper ones do not.
+    def tiny(name):
+        return relu_ufm.Preset(
+            UFMConfig(K=3, n=4, d=8, L=3, lam=0.01, activation="relu", device="cpu"),
+            TrainConfig(lr=0.5, epochs=20_000, probes_per_decade=3),
+            2,
+            (0, 20_000),
+            relu_tol=1e-5,
+            zero_below=0.0,
+            tolerance=1e-2,
+            reference_epochs=3000,
+        )
+
+    monkeypatch.setattr(relu_ufm, "preset", tiny)
+
+
+def test_relu_ufm_experiment_end_to_end(tmp_path, capsys, tiny_relu):
+    out = tmp_path / "relu"
+    assert main(["run", "relu-ufm", "--out", str(out), "--quiet"]) == 0
+    results = json.loads((out / "results.json").read_text())
+    # Every prediction either holds or says why it does not apply.
+    assert all(r["holds"] or r["note"] for r in results), [
+        r for r in results if not (r["holds"] or r["note"])
+    ]
+    by_layer = lambda l: [r for r in results if r["layer"] == l and "Hessian" in r["quantity"]]  # noqa: E731
+    assert all("flat family" in r["note"] for r in by_layer(1))
+    assert not any(r["note"] for r in by_layer(2) + by_layer(3))
+    rank = next(r for r in by_layer(2) if r["quantity"] == "Hessian rank")
+    assert rank["measured"] == 9 and rank["holds"]
+    neg = {r["quantity"]: r for r in results if r["quantity"].startswith("negative fraction")}
+    assert neg["negative fraction of u^(2)"]["measured"] > 0.1
+    assert neg["negative fraction of u^(3)"]["measured"] == 0
+    figures = {p.name for p in (out / "figures").iterdir()}
+    tables = {p.name for p in (out / "tables").iterdir()}
+    for item, exp, _ in catalogue():
+        if exp != "relu-ufm":
+            continue
+        if "table" in item:
+            assert f"{item}.md" in tables and f"{item}.csv" in tables
+        else:
+            assert f"{item}.png" in figures and f"{item}.pdf" in figures
+    report = (out / "report.md").read_text()
+    assert "v1 Table 4" in report and "not predicted" in report

@@ -75,9 +75,9 @@ def analyze(
     for l in layers:
         if not 1 <= l <= L:
             raise ConfigError("--layer", l, f"an integer in [1, L={L}]")
-    if zero_below > 0:
-        for p in model.params:
-            p.masked_fill_(p.abs() < zero_below, 0.0)
+    if zero_below < 0:
+        raise ConfigError("--zero-below", zero_below, "a number >= 0")
+    model = model.zeroed(zero_below)
     with torch.no_grad():
         totals = loss_probe(model, 0)
         reports = [layer_report(model, l, full, rank_rtol, relu_tol).to_dict() for l in layers]

@@ -15,10 +15,10 @@ from pathlib import Path
 import numpy as np
 
 from deepufm.experiments import plotting as P
+from deepufm.experiments.checks import layer_predictions
 from deepufm.experiments.probes import SpectralProbe
 from deepufm.experiments.report import Report, markdown_table, write_report
-from deepufm.experiments.results import Result, compare, write_results
-from deepufm.metrics.layer_report import layer_report
+from deepufm.experiments.results import write_results
 from deepufm.models.config import UFMConfig
 from deepufm.models.ufm import DeepUFM
 from deepufm.theory import check_admissible, dnc_constants
@@ -67,7 +67,7 @@ def run(preset_name: str, out: Path, progress: bool = True) -> Report:
     probe.save(out / "spectra.npz")
     k = dnc_constants(cfg)
     figures = _figures(out / "figures", result.records, probe.snapshots, cfg, l, k)
-    results = _compare(result.model, k, pre.tolerance)
+    results = layer_predictions(result.model, k, pre.tolerance)
     write_results(out / "results.json", results)
     report = Report(
         title="Deep linear UFM (MSE): theory vs measurement",
@@ -94,164 +94,26 @@ def run(preset_name: str, out: Path, progress: bool = True) -> Report:
     return report
 
 
-# -- comparison ------------------------------------------------------------------------------------
-
-
-def _compare(model: DeepUFM, k, tol: float) -> list[Result]:
-    K, out = model.config.K, []
-    for l in range(1, model.config.L + 1):
-        r = layer_report(model, l)
-        Lam = k.hessian_eigenvalue[l - 1]
-        top = np.asarray(r.hessian_eigenvalues[: K * K])
-        gamma = np.asarray(r.gradient_coefficients)
-        sv2 = np.asarray(r.weight_singular_values[:K]) ** 2
-        big, small = k.backprop_eigenvalues(l)
-        out += [
-            compare(
-                "Hessian outlier eigenvalue (min of top K^2)",
-                "v1 4.1 / v2 Thm 1",
-                l,
-                Lam,
-                top.min(),
-                tol,
-            ),
-            compare(
-                "Hessian outlier eigenvalue (max of top K^2)",
-                "v1 4.1 / v2 Thm 1",
-                l,
-                Lam,
-                top.max(),
-                tol,
-            ),
-            compare("Hessian rank", "v1 4.1 / v2 Thm 1", l, K * K, r.hessian_rank, 0),
-            compare(
-                "min eigenvector alignment f_cc'",
-                "v1 4.1 / v2 Thm 1",
-                l,
-                1.0,
-                np.min(r.eigvec_alignment),
-                tol,
-            ),
-            compare("rank G_class", "v1 4.2 / v2 Thm 2", l, K, r.papyan_ranks["class"], 0),
-            compare(
-                "rank G_cross", "v1 4.2 / v2 Thm 2", l, K * (K - 1), r.papyan_ranks["cross"], 0
-            ),
-            compare("rank G_within", "v1 4.2 / v2 Thm 2", l, 0, r.papyan_ranks["within"], 0),
-            compare(
-                "gradient coefficient gamma_cc (mean)",
-                "v1 4.3 / v2 Thm 3",
-                l,
-                1 / K,
-                np.diag(gamma).mean(),
-                tol,
-            ),
-            compare(
-                "gradient coefficient gamma_cc' (max off-diagonal)",
-                "v1 4.3 / v2 Thm 3",
-                l,
-                0.0,
-                (gamma - np.diag(np.diag(gamma))).max(),
-                tol,
-            ),
-            compare(
-                "projection proportion of the data gradient",
-                "v1 4.3 / v2 Thm 3",
-                l,
-                1.0,
-                r.projection_proportion,
-                tol,
-            ),
-            compare(
-                "squared singular value of W_l (mean of top K)",
-                "v1 4.4 / v2 Thm 4",
-                l,
-                k.omega2[l - 1],
-                sv2.mean(),
-                tol,
-            ),
-            compare(
-                "rank of W_l",
-                "v1 4.4 / v2 Thm 4",
-                l,
-                K,
-                int(
-                    (
-                        np.asarray(r.weight_singular_values) > 1e-6 * r.weight_singular_values[0]
-                    ).sum()
-                ),
-                0,
-            ),
-            compare(
-                "gradient-covariance eigenvalue (mean of top K-1)",
-                "v1 E.1 / v2 Thm 10",
-                l,
-                k.grad_cov_eigenvalue(l),
-                np.mean(r.grad_cov_eigenvalues[: K - 1]),
-                tol,
-            ),
-            compare(
-                "back-propagated error, large eigenvalue",
-                "v1 E.2 / v2 Thm 11",
-                l,
-                big,
-                np.mean(r.backprop_eigenvalues[: K - 1]),
-                tol,
-            ),
-            compare(
-                "back-propagated error, small eigenvalue",
-                "v1 E.2 / v2 Thm 11",
-                l,
-                small,
-                r.backprop_eigenvalues[K - 1],
-                tol,
-            ),
-            compare(
-                "feature-Gram eigenvalue (mean of top K)",
-                "v1 E.3",
-                l,
-                k.feature_gram_eigenvalue(l),
-                np.mean(r.feature_gram_eigenvalues),
-                tol,
-            ),
-            compare("NC1 of the input features", "DNC1 (§4.1)", l, 0.0, r.nc1, tol),
-        ]
-    return out
-
-
 # -- figures ---------------------------------------------------------------------------------------
-
-
-def _series(records, key, K):
-    rows = [r for r in records if key in r]
-    epochs = [r["epoch"] for r in rows]
-    mats = np.asarray([r[key] for r in rows])
-    return epochs, {f"({a + 1},{b + 1})": mats[:, a, b] for a in range(K) for b in range(K)}
 
 
 def _figures(
     fig_dir: Path, records, snaps, cfg: UFMConfig, l: int, k
 ) -> list[tuple[str, str, Path]]:
     K, Lam, figs = cfg.K, k.hessian_eigenvalue[l - 1], []
-    epochs_snap = sorted(snaps)
+    final_snap = max(snaps)
+    last = records[-1]
 
     def add(fid, caption, fig):
         figs.append((fid, caption, P.save(fig, fig_dir, fid)))
-
-    def spectra(key, n_out, title, predicted):
-        fig, axes = P.new_figure(ncols=len(epochs_snap), width=3.4)
-        for ax, e in zip(axes[0], epochs_snap):
-            P.spectrum_panel(
-                ax, np.clip(snaps[e][key], 0, None), n_out, f"{title}, epoch {e}", predicted
-            )
-        return fig
 
     add(
         "v1-fig3",
         f"Layer-{l} Hessian spectrum: bulk (histogram) and the top K^2 = {K * K} outliers at several "
         "epochs; dashed: predicted Lambda_l.",
-        spectra("hessian", K * K, "H_l", Lam),
+        P.spectra_over_epochs(snaps, "hessian", K * K, "H_l", Lam),
     )
-    ep, f = _series(records, "f", K)
+    ep, f = P.matrix_series(records, "f")
     early = [i for i, e in enumerate(ep) if e <= 1000]
     fig, axes = P.new_figure()
     P.curves_panel(
@@ -267,39 +129,13 @@ def _figures(
         "Alignment of the K^2 predicted eigenvectors with the layer Hessian over early training.",
         fig,
     )
-    last = records[-1]
-    fig, axes = P.new_figure(ncols=2)
-    for ax, (name, key) in zip(
-        axes[0], [("H_l", "hessian_top"), ("H_l - G_within", "knockout_within")]
-    ):
-        vals = np.clip(last[key], 1e-18, None)
-        ax.semilogy(range(1, len(vals) + 1), vals, "o")
-        ax.axhline(Lam, color="k", ls="--", lw=0.9, label=f"predicted {Lam:.4g}")
-        ax.set_xlabel("index")
-        ax.set_ylabel("eigenvalue")
-        ax.set_title(f"{name}, final epoch")
-        ax.legend()
     add(
         "v1-fig5",
         "Top eigenvalues of the layer Hessian and of the G_within knockout (no outlier removed).",
-        fig,
+        P.top_eigenvalues_figure(
+            last, [("H_l", "hessian_top", None), ("H_l - G_within", "knockout_within", None)], Lam
+        ),
     )
-
-    def knockouts(names):
-        fig, axes = P.new_figure(ncols=len(names))
-        for ax, (name, key, expect) in zip(axes[0], names):
-            vals = np.clip(last[key], 1e-18, None)
-            ax.semilogy(range(1, len(vals) + 1), vals, "o")
-            ax.axhline(Lam, color="k", ls="--", lw=0.9, label=f"predicted {Lam:.4g}")
-            ax.axvline(
-                expect + 0.5, color="C3", ls=":", lw=0.9, label=f"{expect} outliers predicted"
-            )
-            ax.set_xlabel("index")
-            ax.set_ylabel("eigenvalue")
-            ax.set_title(f"{name}, final epoch")
-            ax.legend()
-        return fig
-
     pairs = [
         ("H_l - G_cross", "knockout_cross", K),
         ("H_l - G_class", "knockout_class", K * (K - 1)),
@@ -307,9 +143,9 @@ def _figures(
     add(
         "v1-fig6",
         "Knockouts: removing G_cross leaves K outliers, removing G_class leaves K(K-1).",
-        knockouts(pairs),
+        P.top_eigenvalues_figure(last, pairs, Lam),
     )
-    ep_g, g = _series(records, "gamma", K)
+    ep_g, g = P.matrix_series(records, "gamma")
     fig, axes = P.new_figure()
     P.curves_panel(
         axes[0, 0],
@@ -327,22 +163,22 @@ def _figures(
     add(
         "v1-fig8",
         f"Spectrum of W_l^T W_l: K = {K} outliers at omega_l^2.",
-        spectra("weight_gram", K, "W^T W", k.omega2[l - 1]),
+        P.spectra_over_epochs(snaps, "weight_gram", K, "W^T W", k.omega2[l - 1]),
     )
-    final = epochs_snap[-1]
 
     def one(key, n_out, title, predicted):
         fig, axes = P.new_figure()
-        P.spectrum_panel(axes[0, 0], np.clip(snaps[final][key], 0, None), n_out, title, predicted)
+        vals = np.clip(snaps[final_snap][key], 0, None)
+        P.spectrum_panel(axes[0, 0], vals, n_out, title, predicted)
         return fig
 
     add(
         "v1-fig12",
         "Gradient covariance: K-1 equal outliers at (1-c)^2 Lambda_l (log scale).",
-        one("grad_cov", K - 1, f"Sigma_g, epoch {final}", k.grad_cov_eigenvalue(l)),
+        one("grad_cov", K - 1, f"Sigma_g, epoch {final_snap}", k.grad_cov_eigenvalue(l)),
     )
     big, small = k.backprop_eigenvalues(l)
-    fig = one("backprop", K, f"Sigma_delta, epoch {final}", big)
+    fig = one("backprop", K, f"Sigma_delta, epoch {final_snap}", big)
     fig.axes[0].axvline(small, color="k", ls=":", lw=0.9, label=f"predicted small {small:.4g}")
     fig.axes[0].legend()
     add(
@@ -353,7 +189,7 @@ def _figures(
     add(
         "v1-fig14",
         "Feature Gram H_l H_l^T: K equal outliers at n ||mu_l||^2.",
-        one("feature_gram", K, f"H_l H_l^T, epoch {final}", k.feature_gram_eigenvalue(l)),
+        one("feature_gram", K, f"H_l H_l^T, epoch {final_snap}", k.feature_gram_eigenvalue(l)),
     )
     fig, axes = P.new_figure(ncols=2)
     P.curves_panel(axes[0, 0], ep, f, "f_cc' during training", "f", reference=1.0)
@@ -363,28 +199,22 @@ def _figures(
         "v2 Fig. 1: eigenvector alignment f_cc' and gradient coefficients gamma_cc' during training.",
         fig,
     )
-    rows = [r for r in records if "hessian_top" in r]
-    tops = np.asarray([r["hessian_top"][: K * K] for r in rows])
-    fig, axes = P.new_figure()
-    P.curves_panel(
-        axes[0, 0],
-        [r["epoch"] for r in rows],
-        {f"lambda_{i + 1}": tops[:, i] for i in range(K * K)},
-        f"top K^2 eigenvalues of H_l (layer {l})",
-        "eigenvalue",
-        reference=Lam,
-        ylog=True,
+    add(
+        "v2-fig2",
+        "v2 Fig. 2: the K^2 Hessian outliers converge to one value.",
+        P.outlier_curves_figure(
+            records, "hessian_top", K * K, f"top K^2 eigenvalues of H_l (layer {l})", Lam
+        ),
     )
-    add("v2-fig2", "v2 Fig. 2: the K^2 Hessian outliers converge to one value.", fig)
     add(
         "v2-fig7",
         "v2 Fig. 7: W_l^T W_l spectra over training.",
-        spectra("weight_gram", K, "W^T W", k.omega2[l - 1]),
+        P.spectra_over_epochs(snaps, "weight_gram", K, "W^T W", k.omega2[l - 1]),
     )
     add(
         "v2-fig9",
         "v2 Fig. 9: Hessian outliers with the G_cross and G_class knockouts.",
-        knockouts(pairs),
+        P.top_eigenvalues_figure(last, pairs, Lam),
     )
     return figs
 

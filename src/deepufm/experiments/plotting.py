@@ -111,3 +111,76 @@ def curves_panel(
     ax.set_title(title)
     if len(series) <= 12:
         ax.legend(loc="best", ncol=2 if len(series) > 4 else 1)
+
+
+# -- figures shared by the UFM experiments ----------------------------------------------------------
+
+
+def matrix_series(records: Sequence[dict], key: str) -> tuple[list[int], dict[str, np.ndarray]]:
+    """Epochs and one curve per entry ``(a,b)`` of the K x K matrix ``key`` in the records
+    (probe rows of ``metrics.jsonl``) that hold it; labels are 1-based like the paper's."""
+    rows = [r for r in records if key in r]
+    mats = np.asarray([r[key] for r in rows])
+    K = mats.shape[1]
+    curves = {f"({a + 1},{b + 1})": mats[:, a, b] for a in range(K) for b in range(K)}
+    return [r["epoch"] for r in rows], curves
+
+
+def spectra_over_epochs(
+    snapshots: dict[int, dict[str, np.ndarray]],
+    key: str,
+    n_outliers: int,
+    title: str,
+    predicted: float | None,
+):
+    """One spectrum panel per snapshot epoch for the spectrum ``key``."""
+    epochs = sorted(snapshots)
+    fig, axes = new_figure(ncols=len(epochs), width=3.4)
+    for ax, e in zip(axes[0], epochs):
+        vals = np.clip(snapshots[e][key], 0, None)
+        spectrum_panel(ax, vals, n_outliers, f"{title}, epoch {e}", predicted)
+    return fig
+
+
+def top_eigenvalues_figure(
+    record: dict, panels: Sequence[tuple[str, str, int | None]], predicted: float
+):
+    """Indexed top eigenvalues (log scale) of several spectra held in one probe ``record``.
+
+    ``panels``: ``(title, record key, predicted outlier count or None)``; the count is drawn as a
+    vertical line between the predicted outliers and the rest.
+    """
+    fig, axes = new_figure(ncols=len(panels))
+    for ax, (name, key, expect) in zip(axes[0], panels):
+        vals = np.clip(record[key], 1e-18, None)
+        ax.semilogy(range(1, len(vals) + 1), vals, "o")
+        ax.axhline(predicted, color="k", ls="--", lw=0.9, label=f"predicted {predicted:.4g}")
+        if expect is not None:
+            ax.axvline(
+                expect + 0.5, color="C3", ls=":", lw=0.9, label=f"{expect} outliers predicted"
+            )
+        ax.set_xlabel("index")
+        ax.set_ylabel("eigenvalue")
+        ax.set_title(f"{name}, epoch {record['epoch']}")
+        ax.legend()
+    return fig
+
+
+def outlier_curves_figure(
+    records: Sequence[dict], key: str, count: int, title: str, predicted: float
+):
+    """The top ``count`` values of the list ``key`` over training (log-log), against a
+    predicted common value."""
+    rows = [r for r in records if key in r]
+    tops = np.asarray([r[key][:count] for r in rows])
+    fig, axes = new_figure()
+    curves_panel(
+        axes[0, 0],
+        [r["epoch"] for r in rows],
+        {f"lambda_{i + 1}": tops[:, i] for i in range(count)},
+        title,
+        "eigenvalue",
+        reference=predicted,
+        ylog=True,
+    )
+    return fig

@@ -26,15 +26,23 @@ from deepufm.models.ufm import DeepUFM
 class SpectralProbe:
     """At each probe: for ``layer``, the top Hessian eigenvalues, ``f_cc'``, ``gamma_cc'``, the
     knockouts and the top ``W^T W`` eigenvalues go into ``metrics.jsonl``; at ``snapshot_epochs``
-    the full spectra are kept in ``snapshots`` (written by the experiment as ``spectra.npz``)."""
+    the full spectra are kept in ``snapshots`` (written by the experiment as ``spectra.npz``).
+
+    ReLU models (THEORY §7): pre-activations ``>= -relu_tol * max|u|`` count as non-negative
+    (sigma'(0) = 1), also in ``negative_fraction``; with ``zero_below > 0`` the measurements are
+    taken on a copy whose parameter entries below it are set to 0 (training is not touched).
+    """
 
     layer: int
     snapshot_epochs: tuple[int, ...] = ()
     relu_tol: float = 0.0
+    zero_below: float = 0.0
     snapshots: dict[int, dict[str, np.ndarray]] = field(default_factory=dict)
 
     def __call__(self, model: DeepUFM, epoch: int) -> dict[str, Any]:
         K, l = model.config.K, self.layer
+        if self.zero_below > 0:
+            model = model.zeroed(self.zero_below)
         Hs = model.features()
         M_in, M_out = class_means(Hs[l - 1], K), class_means(Hs[l], K)
         H = layer_hessian(model, l, self.relu_tol)
@@ -59,7 +67,7 @@ class SpectralProbe:
         }
         if model.config.activation == "relu":
             U = model.preactivations()
-            out["negative_fraction"] = [negative_fraction(u) for u in U[:-1]]
+            out["negative_fraction"] = [negative_fraction(u, self.relu_tol) for u in U[:-1]]
         if epoch in self.snapshot_epochs:
             with torch.no_grad():
                 self.snapshots[epoch] = {

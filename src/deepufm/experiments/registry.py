@@ -63,7 +63,29 @@ CE = Experiment(
     (Item("ce-thm9", "Theorem 9: K spikes, one dominant, over a mini-bulk of K^2-3K+1"),),
 )
 
-EXPERIMENTS: dict[str, Experiment] = {e.name: e for e in (LINEAR, CE)}
+RELU = Experiment(
+    "relu-ufm",
+    "deep ReLU UFM with MSE loss (v1 §4.2, v2 §4, THEORY §7): Theorem 7 layer by layer, the "
+    "flat family at the first ReLU, negative pre-activations, NC3-type Grams",
+    "deepufm.experiments.relu_ufm",
+    (
+        Item("v1-fig9", "ReLU layer-Hessian spectra over training (K² outliers separate)"),
+        Item("v1-fig10", "ReLU knockouts of G_within, G_cross and G_class"),
+        Item("v1-fig11", "ReLU W_l^T W_l spectra (K outliers equalise)"),
+        Item("v1-table1", "f_cc' of the K² predicted eigenvectors after long training"),
+        Item("v1-table2", "cos² of the data gradient with the K² true top eigenvectors"),
+        Item("v1-table3", "O^(l) = normalised A^(l) A^(l)T per layer (ReLU and linear)"),
+        Item("v1-table4", "data-averaged O^(l) with the ReLU masks"),
+        Item("v2-fig3", "fraction of negative pre-activations and orthogonal-frame distance"),
+        Item("v2-fig4", "f_cc' and γ_cc' of the ReLU model (sigma'(0)=1, zeros rounded)"),
+        Item("v2-fig5", "ReLU Hessian outliers converging to the linear value"),
+        Item("v2-fig8", "ReLU W_l^T W_l spectra during training"),
+        Item("v2-fig10", "ReLU Hessian outliers with G_cross and G_class knockouts"),
+        Item("v2-fig11", "feature-Gram eigenvalues: the global-mean spike decays onto K-1"),
+    ),
+)
+
+EXPERIMENTS: dict[str, Experiment] = {e.name: e for e in (LINEAR, RELU, CE)}
 
 
 def catalogue() -> list[tuple[str, str, str]]:

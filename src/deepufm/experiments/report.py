@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import csv
 import html
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -26,6 +27,22 @@ def markdown_table(header: Sequence[str], rows: Sequence[Sequence[object]]) -> s
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(fmt(v) for v in row) + " |" for row in rows]
     return "\n".join(lines)
+
+
+def write_table(
+    out_dir: Path, name: str, header: Sequence[str], rows: Sequence[Sequence[object]]
+) -> str:
+    """Write a paper table as ``tables/<name>.md`` and ``tables/<name>.csv`` (full precision);
+    returns the Markdown for the report."""
+    table_dir = Path(out_dir) / "tables"
+    table_dir.mkdir(parents=True, exist_ok=True)
+    md = markdown_table(header, rows)
+    (table_dir / f"{name}.md").write_text(md + "\n")
+    with open(table_dir / f"{name}.csv", "w", newline="") as fh:
+        writer = csv.writer(fh)
+        writer.writerow(header)
+        writer.writerows([[repr(v) if isinstance(v, float) else v for v in row] for row in rows])
+    return md
 
 
 def results_table(results: Sequence[Result]) -> str:
@@ -52,6 +69,11 @@ def results_table(results: Sequence[Result]) -> str:
         ]
         for r in results
     ]
+    if any(r.note for r in results):
+        # Say why a prediction does not apply (ReLU layers off the Definition-2 point).
+        header.append("note")
+        for row, r in zip(rows, results):
+            row.append(r.note)
     return markdown_table(header, rows)
 
 

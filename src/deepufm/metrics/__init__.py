@@ -11,6 +11,7 @@ from deepufm.metrics.nc3 import (
 from deepufm.metrics.spectral import (
     basis_coefficients,
     effective_rank,
+    eigenbasis_coefficients,
     eigvec_alignment,
     eigvec_alignment_matrix,
     gradient_coefficients,
@@ -28,6 +29,7 @@ __all__ = [
     "basis_coefficients",
     "class_means",
     "effective_rank",
+    "eigenbasis_coefficients",
     "eigvec_alignment",
     "eigvec_alignment_matrix",
     "etf_distance",

@@ -86,6 +86,13 @@ def projection_proportion(g: Tensor, V: Tensor) -> float:
     return float(((V.T @ g) ** 2).sum() / (g @ g))
 
 
+def eigenbasis_coefficients(g: Tensor, V: Tensor) -> Tensor:
+    """``cos^2(g, v_i) = (v_i^T g)^2 / ||g||^2`` for the orthonormal columns ``v_i`` of ``V``
+    ``(p, k)``: ``(k,)``. v1 Table 2 with ``V`` the true top-``K^2`` eigenvectors of ``H_l``; they
+    sum to :func:`projection_proportion`."""
+    return (V.T @ g) ** 2 / (g @ g)
+
+
 def subspace_overlap(V1: Tensor, V2: Tensor) -> float:
     """``ov = tr(P_1 P_2) / k = ||V1^T V2||_F^2 / k`` for two ``(p, k)`` orthonormal bases
     (Gur-Ari et al. 2018; THEORY §9): in ``[0, 1]``, 1 iff the subspaces coincide."""

@@ -114,6 +114,20 @@ class DeepUFM:
     def clone(self) -> DeepUFM:
         return DeepUFM(self.config, self.H1.clone(), [W.clone() for W in self.W])
 
+    def zeroed(self, below: float) -> DeepUFM:
+        """A copy with every parameter entry of magnitude ``< below`` set to 0.
+
+        The paper's ReLU practice (v2 Figs 4–5, THEORY §7): after long training, entries that
+        should be exactly 0 at a Definition-2 point are tiny instead, and only exact zeros get
+        sigma'(0) = 1. ``below = 0`` returns an unchanged copy.
+        """
+        if not below >= 0:
+            raise ValueError(f"below={below} must be >= 0")
+        out = self.clone()
+        for p in out.params:
+            p.masked_fill_(p.abs() < below, 0.0)
+        return out
+
     def state_arrays(self) -> dict[str, Tensor]:
         """``{"H1": H1, "W1": W_1, ..., "WL": W_L}`` (the names of ``params.npz``)."""
         out = {"H1": self.H1}

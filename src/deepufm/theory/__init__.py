@@ -12,7 +12,7 @@ from deepufm.theory.constants import (
     fold_point,
     reduced_loss,
 )
-from deepufm.theory.optimum import ce_dnc_point, dnc_optimum, simplex_basis
+from deepufm.theory.optimum import ce_dnc_point, dnc_optimum, flat_family_point, simplex_basis
 from deepufm.theory.predictions import Prediction, block_prediction, ce_predictions, predictions
 from deepufm.theory.threshold import b_crit, check_admissible, max_single_lambda, regularisation_b
 
@@ -31,6 +31,7 @@ __all__ = [
     "dnc_constants",
     "dnc_optimum",
     "effective_lambda",
+    "flat_family_point",
     "fold_point",
     "max_single_lambda",
     "predictions",

@@ -60,6 +60,38 @@ def dnc_optimum(config: UFMConfig, seed: int | None = None, nonnegative: bool = 
     return DeepUFM(config, H1, W).to(device=config.torch_device)
 
 
+def flat_family_point(config: UFMConfig, a: float, seed: int | None = None) -> DeepUFM:
+    """A point of the flat family at the first ReLU (THEORY §7): same loss as Definition 2.
+
+    Starting from the Definition-2 point (``dnc_optimum(nonnegative=True)``), the product
+    ``W_1 H_1 = t U (I_K) ⊗ 1_n^T`` is replaced by ``t/(1-a) U (I_K - a 1 1^T) ⊗ 1_n^T``, which
+    ReLU maps to the same ``H_2`` and whose nuclear norm is the same, factored as balanced SVD
+    factors ``W_1 = P S^{1/2} B^T``, ``H_1 = B S^{1/2} R^T`` (``B`` the old input frame). For
+    ``0 < a <= 1/K`` the pre-activations ``u^(2)`` have ``K-1`` negative entries per column;
+    ``a = 1/K`` gives rank ``K-1``. Needs one lambda for ``W_1`` and ``H_1`` (``lam_W[0] == lam_H``),
+    where ``||W_1||^2 + ||H_1||^2 = 2 ||W_1 H_1||_*`` is the minimal regulariser.
+    """
+    if config.activation != "relu" or config.L < 2:
+        raise ConfigError("activation", config.activation, "relu with L >= 2 (a first ReLU)")
+    if config.lam_W[0] != config.lam_H:
+        raise ConfigError("lam_H", config.lam_H, f"equal to lam_W[0]={config.lam_W[0]}")
+    if not 0 <= a <= 1 / config.K:
+        raise ConfigError("a", a, f"a number in [0, 1/K={1 / config.K:.6g}]")
+    point = dnc_optimum(config, seed, nonnegative=True)
+    K, n = config.K, config.n
+    U = point.W[0] @ point.H1  # (d, N): t U (I_K) ⊗ 1_n^T, class-major columns
+    centre = U.reshape(U.shape[0], K, n).sum(dim=1, keepdim=True) / K  # t/K U 1 per column
+    M = (U - a * K * centre.expand(-1, K, -1).reshape(U.shape)) / (1 - a)
+    P, S, Rt = torch.linalg.svd(M, full_matrices=False)
+    rank = int((S > 1e-12 * S[0]).sum())
+    P, S, Rt = P[:, :rank], S[:rank], Rt[:rank]
+    B = torch.linalg.svd(point.H1, full_matrices=False)[0][:, :rank]
+    root = S.sqrt()
+    W1 = (P * root) @ B.T
+    H1 = (B * root) @ Rt
+    return DeepUFM(config, H1, [W1, *point.W[1:]])
+
+
 def simplex_basis(K: int, dtype: torch.dtype = torch.float64) -> Tensor:
     """``Q``: ``K x (K-1)`` orthonormal basis of the complement of ``1`` (``Q Q^T = S``)."""
     S = torch.eye(K, dtype=dtype) - 1.0 / K
