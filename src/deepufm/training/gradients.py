@@ -75,9 +75,12 @@ def loss_gradients(H1: Tensor, Ws: Sequence[Tensor], config: UFMConfig) -> list[
     return [g + lam * p for g, lam, p in zip(grads, lams, [H1, *Ws], strict=True)]
 
 
-# Below this many multiply-adds per step, intra-op threads cost more in synchronisation than
-# they save (measured: the K=4, n=25, d=64, L=4 step runs 1.3x faster on one thread of two).
-SINGLE_THREAD_WORK = 5e5
+# Below this many multiply-adds per step (about a millisecond on one core), intra-op threads
+# cost more than they save: on an idle machine the K=4, n=25, d=64, L=4 linear step runs 1.3x
+# faster on one thread of two, and when another process holds a core every parallel region
+# waits for its descheduled worker (measured: a K=3, n=40, d=65, L=4 ReLU run at 87 steps/s on
+# two threads against 2,200 on one).
+SINGLE_THREAD_WORK = 1e7
 
 
 def step_work(config: UFMConfig) -> float:
