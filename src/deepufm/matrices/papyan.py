@@ -77,11 +77,16 @@ class PapyanDecomposition:
         the M3 identity (``H_l = G_l`` for one layer), without cancelling the large within-class
         part against itself.
         """
-        return {
-            "class": self.gauss_newton - self.class_,
-            "cross": self.gauss_newton - self.cross,
-            "within": self.class_ + self.cross,
-        }
+        G, within = self.gauss_newton, self.within
+        if isinstance(G, JacobianGram) and isinstance(within, JacobianGram):
+            # V^T (I - M_class) V and V^T (I - M_pair + M_class) V: still N R rows, so the
+            # spectrum comes from the N R x N R Gram when that is smaller than p
+            n = within.class_size
+            minus_class = JacobianGram(G.A_w, G.H, class_size=n, part="minus_class")
+            minus_cross = JacobianGram(G.A_w, G.H, class_size=n, part="minus_cross")
+        else:  # Kronecker terms: a KroneckerSum, exact in the shared factor basis
+            minus_class, minus_cross = G - self.class_, G - self.cross
+        return {"class": minus_class, "cross": minus_cross, "within": self.class_ + self.cross}
 
 
 def jacobian_rows(model: DeepUFM, layer: int, relu_tol: float = 0.0) -> Tensor:
