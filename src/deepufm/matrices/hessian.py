@@ -309,13 +309,11 @@ class KroneckerGram(LowRankMixin, SymmetricMatrix):
 
 
 def _span(X: Tensor) -> Tensor:
-    """Orthonormal basis ``(m, r)`` of the column space of ``X`` ``(m, c)``: the identity when
-    ``c >= m``, else the left singular vectors above round-off (directions whose singular value is
-    below ``eps max(m, c)`` of the largest carry less than ``eps^2`` of any Gram built from
-    ``X``'s columns)."""
+    """Orthonormal basis ``(m, r)`` of the column space of ``X`` ``(m, c)``: the left singular
+    vectors above round-off (a direction whose singular value is below ``eps max(m, c)`` of the
+    largest carries less than ``eps^2`` of any Gram built from ``X``'s columns). Stacked factors
+    that share a span (``A`` and its mean row; ``H`` and its class means) count once."""
     m, c = X.shape
-    if c >= m:
-        return torch.eye(m, dtype=X.dtype, device=X.device)
     U, sv, _ = torch.linalg.svd(X, full_matrices=False)
     if sv.numel() == 0 or float(sv[0]) == 0.0:
         return U[:, :0]
@@ -333,8 +331,9 @@ class KroneckerSum(RowGram):
         S = sum_i c_i (U^T P_i U) ⊗ (W^T Q_i W)        (r s x r s, THEORY §2),
 
     so the spectrum is ``eig(S)`` followed by ``a b - r s`` exact zeros: for a layer Hessian
-    minus a Papyan term ``r <= K`` and ``s <= min(d, N)`` (the class means lie in the span of
-    ``H``), where the rows of :class:`RowGram` would need a thin QR of ``p x K min(d, N)``.
+    minus a Papyan term ``r <= K`` (every left factor is in the row space of ``A``) and
+    ``s <= min(d, N)`` (the class means are in the span of ``H``), where the rows of
+    :class:`RowGram` would need a thin QR of ``p x K min(d, N)``.
     It is a :class:`RowGram` whose rows (the lifted eigenvectors of ``S``) are formed only on
     request.
     """
