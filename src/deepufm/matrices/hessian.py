@@ -512,6 +512,8 @@ class JacobianGram(RowSpaceGram):
         if part not in PARTS:
             raise ConfigError("part", part, f"one of {PARTS}")
         self.A_w, self.H, self.class_size, self.part = A_w, H, class_size, part
+        # batched products with a transposed operand run ~1.5x slower on MKL: keep a copy
+        self.A_wT = A_w.transpose(-1, -2).contiguous()
         self.shared = A_w.dim() == 2
         self.N, self.R = H.shape[1], A_w.shape[-2]
         self.d_out, self.d_in = A_w.shape[-1], H.shape[0]
@@ -550,7 +552,7 @@ class JacobianGram(RowSpaceGram):
         """``V^T C s``: ``(m, N, R) -> (p, m)``."""
         m = S.shape[0]
         S = self._center(S.permute(1, 2, 0))  # (N, R, m)
-        T = torch.matmul(self.A_w.transpose(-1, -2), S)  # (N, d_out, m)
+        T = torch.matmul(self.A_wT, S)  # (N, d_out, m)
         out = self.H @ T.reshape(self.N, -1)  # (d_in, d_out m)
         out = out.reshape(self.d_in, self.d_out, m).transpose(0, 1).reshape(self.size, m)
         return out / math.sqrt(self.N)

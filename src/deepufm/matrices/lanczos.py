@@ -54,7 +54,7 @@ def lanczos_topk(
     if not 1 <= k <= op.size:
         raise ConfigError("k", k, f"an integer in [1, {op.size}]")
     p = op.size
-    b = block if block is not None else min(32, max(8, k // 4))
+    b = block if block is not None else min(8, k)
     m_max = max_basis if max_basis is not None else max(2 * k, k + 8 * b)
     m_max = min(m_max, p - b)
     if 4 * k >= p or m_max < k + b:
