@@ -45,7 +45,9 @@ def lanczos_topk(
         k: how many eigenpairs.
         tol: relative residual tolerance (as scipy's ``eigsh``).
         seed: seed of the random start block (repeated calls agree).
-        block: block size; default ``min(32, max(8, k // 4))``.
+        block: block size; default ``min(8, k)``. Larger blocks make a product cheaper per
+            vector but need more of them (for the top 100 of the d = 64 ReLU layer Hessian:
+            ~420 products at 8, ~680 at 25).
         max_basis: Krylov basis size before a restart; default ``max(2k, k + 8 block)``.
 
     When the basis could not be much smaller than ``p`` (``k >= p / 4``) the answer comes from
