@@ -69,6 +69,17 @@ def layer_loss(model: DeepUFM):
     return f
 
 
+def _clock() -> tuple[float, float]:
+    return time.perf_counter(), time.process_time()
+
+
+def _since(start: tuple[float, float]) -> dict:
+    """Wall and process-CPU seconds since ``start``. On a shared machine the CPU time is the
+    load-independent one (every cell is pinned to the same number of threads)."""
+    wall, cpu = _clock()
+    return {"time": wall - start[0], "cpu": cpu - start[1]}
+
+
 def peak_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
@@ -76,11 +87,11 @@ def peak_mb() -> float:
 # -- cells ------------------------------------------------------------------------------------------
 def cell_baseline(d: int, activation: str) -> dict:
     model_for(d, activation)
-    return {"time": 0.0}
+    return {"time": 0.0, "cpu": 0.0}
 
 
 def _ours(model: DeepUFM) -> dict:
-    t = time.perf_counter()
+    t = _clock()
     H = layer_hessian(model, LAYER)
     vals = H.eigvalsh()
     out = {"top": vals[:K2].tolist(), "count": vals.numel()}
@@ -92,19 +103,19 @@ def _ours(model: DeepUFM) -> dict:
             vecs = (U[:, :1].unsqueeze(1) * W[:, :1].unsqueeze(0)).reshape(-1, 1)
         # residual of the leading eigenvector, as a correctness check of the timed result
         out["resid"] = float((H.matvec(vecs[:, 0]) - top[0] * vecs[:, 0]).norm() / top[0])
-    out["time"] = time.perf_counter() - t
+    out.update(_since(t))
     return out
 
 
 def _ours_topk(model: DeepUFM) -> dict:
     """The top-K² eigenpairs alone (block Lanczos on the structured product beyond p ~ 2000)."""
-    t = time.perf_counter()
+    t = _clock()
     H = layer_hessian(model, LAYER)
     top, vecs = H.topk(K2, tol=TOL)
-    elapsed = time.perf_counter() - t
+    elapsed = _since(t)
     # worst relative residual ||H x - theta x|| / theta over all K² pairs (what tol bounds)
     resid = (H.matmat(vecs) - vecs * top).norm(dim=0) / top.abs()
-    return {"time": elapsed, "top": top.tolist(), "resid": float(resid.max())}
+    return {**elapsed, "top": top.tolist(), "resid": float(resid.max())}
 
 
 def _median_of(fn, model: DeepUFM, repeats: int = 5) -> dict:
@@ -113,7 +124,8 @@ def _median_of(fn, model: DeepUFM, repeats: int = 5) -> dict:
     while runs[0]["time"] < 1.0 and len(runs) < repeats:
         runs.append(fn(model))
     out = runs[0]
-    out["time"] = statistics.median(r["time"] for r in runs)
+    for key in ("time", "cpu"):
+        out[key] = statistics.median(r[key] for r in runs)
     out["repeats"] = len(runs)
     return out
 
@@ -129,10 +141,10 @@ def cell_ours_topk(d: int, activation: str) -> dict:
 
 
 def _dense(model: DeepUFM) -> dict:
-    t = time.perf_counter()
+    t = _clock()
     Hd = torch.func.hessian(layer_loss(model))(model.W[LAYER - 1].reshape(-1))
     vals = torch.linalg.eigvalsh(Hd).flip(0)
-    return {"time": time.perf_counter() - t, "top": vals[:K2].tolist()}
+    return {**_since(t), "top": vals[:K2].tolist()}
 
 
 def cell_dense(d: int, activation: str) -> dict:
@@ -168,11 +180,11 @@ def _curvlinops(model: DeepUFM) -> dict:
     op = HessianLinearOperator(
         Head(), torch.nn.MSELoss(reduction="sum"), [W], [(X, Y)], check_deterministic=False
     ).to_scipy()
-    t = time.perf_counter()
+    t = _clock()
     vals = eigsh(op, k=min(K2, W.numel() - 2), which="LA", tol=TOL, return_eigenvectors=True)[0]
     # MSELoss(sum) = 2N * D: its Hessian is 2N times ours
     top = sorted((float(v) / (2 * K * n) for v in vals), reverse=True)
-    return {"time": time.perf_counter() - t, "top": top}
+    return {**_since(t), "top": top}
 
 
 def cell_curvlinops(d: int, activation: str) -> dict:
@@ -181,18 +193,18 @@ def cell_curvlinops(d: int, activation: str) -> dict:
 
 
 def _papyan(model: DeepUFM) -> dict:
-    t = time.perf_counter()
+    t = _clock()
     dec = papyan_decomposition(model, LAYER)
     ranks = {k: int((M.eigvalsh() > 1e-10).sum()) for k, M in dec.components().items()}
     ko = {k: M.eigvalsh() for k, M in dec.knockouts().items()}  # = knockout_spectra(model, LAYER)
     top = [v for k in ("class", "cross", "within") for v in ko[k][:K2].tolist()]
-    return {"time": time.perf_counter() - t, "ranks": ranks, "top": top}
+    return {**_since(t), "ranks": ranks, "top": top}
 
 
 def _papyan_dense(model: DeepUFM) -> dict:
     """The textbook route: explicit rows v_icc' (N K x p), dense p x p matrices, dense eigvalsh."""
     cfg = model.config
-    t = time.perf_counter()
+    t = _clock()
     Hd = torch.func.hessian(layer_loss(model))(model.W[LAYER - 1].reshape(-1))
 
     def logits(w):
@@ -214,7 +226,7 @@ def _papyan_dense(model: DeepUFM) -> dict:
     ranks = {k: int((torch.linalg.eigvalsh(M) > 1e-10).sum()) for k, M in parts.items()}
     ko = {k: torch.linalg.eigvalsh(Hd - M).flip(0) for k, M in parts.items()}
     top = [v for k in ("class", "cross", "within") for v in ko[k][:K2].tolist()]
-    return {"time": time.perf_counter() - t, "ranks": ranks, "top": top}
+    return {**_since(t), "ranks": ranks, "top": top}
 
 
 def cell_papyan(d: int, activation: str) -> dict:
@@ -270,7 +282,7 @@ def run_cell(
 def _t(c: dict | None) -> str:
     if c is None:
         return "—"
-    return c["note"] if "note" in c else f"{c['time']:.3g}"
+    return c["note"] if "note" in c else f"{c['time']:.3g} ({c['cpu']:.3g})"
 
 
 def _mb(c: dict | None) -> str:
@@ -278,11 +290,12 @@ def _mb(c: dict | None) -> str:
 
 
 def _ratio(peer: dict | None, ours: dict) -> str:
+    """Wall-time ratio (CPU-time ratio)."""
     if peer is None or "note" in ours:
         return "—"
     if "note" in peer:  # timed out: a lower bound
         return f"> {float(peer['note'].split()[1]) / ours['time']:.0f}x"
-    return f"{peer['time'] / ours['time']:.0f}x"
+    return f"{peer['time'] / ours['time']:.0f}x ({peer['cpu'] / ours['cpu']:.0f}x)"
 
 
 def _diff(ours: dict, *refs: dict | None) -> str:
@@ -328,9 +341,9 @@ def main() -> None:
         flush=True,
     )
     print(
-        "| cell | d | p = d² | deepufm s | deepufm peak MB | curvlinops+eigsh top-K² s | peak MB "
-        "| dense autograd s | peak MB | curvlinops / deepufm | dense / deepufm | top-K² max rel. diff "
-        "| eigvec residual |"
+        "| cell | d | p = d² | deepufm s (CPU s) | deepufm peak MB | curvlinops+eigsh top-K² s "
+        "(CPU s) | peak MB | dense autograd s (CPU s) | peak MB | curvlinops / deepufm "
+        "| dense / deepufm | top-K² max rel. diff | eigvec residual |"
     )
     print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     goals = {}
