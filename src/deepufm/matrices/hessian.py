@@ -16,7 +16,8 @@ once, and sigma'' = 0 almost everywhere). So ``H_l = G_l`` exactly, and:
   ``ã_{ic,k} ⊗ h_ic / sqrt(N)``, ``ã = M_ic A_ic`` where ``B_ic = M_ic^T M_ic`` (``M = I`` for MSE;
   ``M = diag(sqrt p)(I - 1 p^T)`` for CE, Papyan's 2020 square-root factor). Its exact non-zero
   spectrum comes from the ``NR x NR`` Gram with entries ``(ã·ã')(h·h')/N`` when that is smaller than
-  ``p``, else from the dense ``p x p`` matrix.
+  ``p``, else from the dense ``p x p`` matrix; its top-k eigenpairs from block Lanczos on the
+  structured product once either eigenproblem would be large (``ITERATIVE_FROM``).
 
 No ``p x p`` matrix is formed unless ``dense()`` (or a dense eigensolver, for ``p <= NR``) is asked.
 Every matrix here also has ``row_factor() -> (F, w)`` with ``M = F^T diag(w) F``: sums and
