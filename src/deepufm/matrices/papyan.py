@@ -24,11 +24,12 @@ Structure: everything is built from ``v_{icc'} = ã_{ic,c'} ⊗ h_ic``. In the l
 
 (``ā`` the mean row of ``A``, ``M`` the class means of ``H``, ``H_c = H - M ⊗ 1_n^T``), so their
 spectra cost two small eigenproblems, and a knockout ``H_l - G_X`` is a :class:`KroneckerSum`,
-diagonalised exactly in the shared ``K min(d, N)``-dimensional factor basis. Otherwise ``G_class``/``G_cross``
-are held by their ``K`` and ``K^2`` rows and ``G_within`` as a within-class-centred
-:class:`JacobianGram`; the knockouts ``H_l - G_class``, ``H_l - G_cross`` are again
-:class:`JacobianGram` matrices ``V^T C V``, a projector ``C`` on the sample side (``N R`` rows), so
-their exact spectrum comes from the ``N R x N R`` Gram when ``N R < p``.
+diagonalised exactly in the shared ``K min(d, N)``-dimensional factor basis. Otherwise
+``G_class``/``G_cross`` are held by their ``K`` and ``K^2`` rows and ``G_within`` as a
+within-class-centred :class:`JacobianGram`; the knockouts ``H_l - G_class`` and
+``H_l - G_cross`` are again :class:`JacobianGram` matrices ``V^T C V``, ``C`` a projector on the
+sample side (``N R`` rows), so their exact spectrum comes from the ``N R x N R`` Gram when
+``N R < p``.
 """
 
 from __future__ import annotations
