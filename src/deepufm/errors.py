@@ -41,3 +41,17 @@ class DivergenceError(DeepUFMError, RuntimeError):
         if detail:
             msg += " " + detail
         super().__init__(msg)
+
+
+class ConvergenceError(DeepUFMError, RuntimeError):
+    """An iterative eigensolver stopped before reaching its tolerance."""
+
+    def __init__(self, solver: str, k: int, products: int, detail: str = "") -> None:
+        self.solver, self.k, self.products = solver, k, products
+        msg = (
+            f"{solver} did not converge to {k} eigenpairs after {products} matrix-vector "
+            f"products. Loosen tol or raise max_basis."
+        )
+        if detail:
+            msg += " " + detail
+        super().__init__(msg)

@@ -24,6 +24,7 @@ from deepufm.matrices.gradients import (
 from deepufm.matrices.hessian import (
     JacobianGram,
     KroneckerGram,
+    KroneckerSum,
     RowGram,
     RowSpaceGram,
     ZeroMatrix,
@@ -57,6 +58,7 @@ __all__ = [
     "GradientCovariance",
     "JacobianGram",
     "KroneckerGram",
+    "KroneckerSum",
     "LayerJacobian",
     "LinearCombination",
     "ModuleHessian",

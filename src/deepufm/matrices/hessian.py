@@ -16,7 +16,8 @@ once, and sigma'' = 0 almost everywhere). So ``H_l = G_l`` exactly, and:
   ``ã_{ic,k} ⊗ h_ic / sqrt(N)``, ``ã = M_ic A_ic`` where ``B_ic = M_ic^T M_ic`` (``M = I`` for MSE;
   ``M = diag(sqrt p)(I - 1 p^T)`` for CE, Papyan's 2020 square-root factor). Its exact non-zero
   spectrum comes from the ``NR x NR`` Gram with entries ``(ã·ã')(h·h')/N`` when that is smaller than
-  ``p``, else from the dense ``p x p`` matrix.
+  ``p``, else from the dense ``p x p`` matrix; its top-k eigenpairs from block Lanczos on the
+  structured product once either eigenproblem would be large (``ITERATIVE_FROM``).
 
 No ``p x p`` matrix is formed unless ``dense()`` (or a dense eigensolver, for ``p <= NR``) is asked.
 Every matrix here also has ``row_factor() -> (F, w)`` with ``M = F^T diag(w) F``: sums and
@@ -33,8 +34,14 @@ from torch import Tensor
 
 from deepufm.errors import ConfigError
 from deepufm.matrices.jacobian import LayerJacobian, layer_jacobian
+from deepufm.matrices.lanczos import lanczos_topk
 from deepufm.matrices.operator import LinearCombination, SymmetricMatrix
 from deepufm.models.ufm import DeepUFM
+
+# Above this size of the smaller exact eigenproblem behind a top-k (``p`` dense, or the ``NR x NR``
+# Gram), block Lanczos on the structured product is cheaper: at p = 4096 (NR = 5000) the top 100
+# take ~0.5 s by Lanczos against ~8 s for LAPACK's subset ``syevr`` of the dense matrix.
+ITERATIVE_FROM = 2048
 
 
 # -- small exact spectral helpers -----------------------------------------------------------------
@@ -88,6 +95,16 @@ def dense_topk(M: Tensor, k: int) -> tuple[Tensor, Tensor]:
     vals, vecs = scipy.linalg.eigh(S, subset_by_index=[p - k, p - 1], driver="evr")
     as_t = lambda a: torch.from_numpy(a[..., ::-1].copy()).to(M.dtype)  # noqa: E731
     return as_t(vals), as_t(vecs)
+
+
+def _triangle(d: int, device: torch.device) -> tuple[tuple[Tensor, Tensor], Tensor]:
+    """Upper-triangle indices ``(rows, cols)`` of a ``d x d`` matrix and, for every ``(i, j)``,
+    the position of ``(min, max)`` among them: ``(d, d)``."""
+    rows, cols = torch.triu_indices(d, d, device=device)
+    where = torch.empty(d, d, dtype=torch.long, device=device)
+    where[rows, cols] = torch.arange(rows.numel(), device=device)
+    where[cols, rows] = where[rows, cols]
+    return (rows, cols), where
 
 
 class LowRankMixin:
@@ -158,9 +175,18 @@ class RowGram(LowRankMixin, SymmetricMatrix):
 
 
 def combine(terms: list[tuple[float, SymmetricMatrix]]) -> SymmetricMatrix:
-    """``sum_i a_i M_i``: a :class:`RowGram` when every term has a row factor and the stacked rows
-    are fewer than ``p`` (exact low-rank spectrum), else a :class:`LinearCombination`."""
+    """``sum_i a_i M_i``: a :class:`KroneckerSum` when every term is Kronecker (exact spectrum in
+    the shared factor basis), a :class:`RowGram` when every term has a row factor and the stacked
+    rows are fewer than ``p`` (exact low-rank spectrum), else a :class:`LinearCombination`."""
     size = terms[0][1].size
+    if all(isinstance(M, (KroneckerGram, KroneckerSum)) for _, M in terms):
+        flat = [
+            (a * c, T)
+            for a, M in terms
+            for c, T in (M.terms if isinstance(M, KroneckerSum) else [(1.0, M)])
+        ]
+        if len({(T.a, T.b) for _, T in flat}) == 1:
+            return KroneckerSum(flat)
     if all(hasattr(M, "row_factor") for _, M in terms):
         bound = sum(min(getattr(M, "rank_bound", size), size) for _, M in terms)
         if bound < size:
@@ -293,6 +319,94 @@ class KroneckerGram(LowRankMixin, SymmetricMatrix):
         return F, torch.outer(p, q).reshape(-1)
 
 
+def _span(X: Tensor) -> Tensor:
+    """Orthonormal basis ``(m, r)`` of the column space of ``X`` ``(m, c)``: the left singular
+    vectors above round-off (a direction whose singular value is below ``eps max(m, c)`` of the
+    largest carries less than ``eps^2`` of any Gram built from ``X``'s columns). Stacked factors
+    that share a span (``A`` and its mean row; ``H`` and its class means) count once."""
+    m, c = X.shape
+    U, sv, _ = torch.linalg.svd(X, full_matrices=False)
+    if sv.numel() == 0 or float(sv[0]) == 0.0:
+        return U[:, :0]
+    return U[:, sv > sv[0] * max(m, c) * torch.finfo(X.dtype).eps]
+
+
+class KroneckerSum(RowGram):
+    """``sum_i c_i P_i ⊗ Q_i`` of :class:`KroneckerGram` terms of one shape (Papyan's components
+    and knockouts in the linear MSE model), with an exact spectrum in a shared factor basis.
+
+    Every ``P_i = F_Pi^T F_Pi`` lies in the row space of the stacked ``F_P``'s and every
+    ``Q_i = F_Qi F_Qi^T`` in the column space of the stacked ``F_Q``'s. With orthonormal bases
+    ``U`` (``a x r``) and ``W`` (``b x s``) of the two, ``M = (U ⊗ W) S (U ⊗ W)^T`` with
+
+        S = sum_i c_i (U^T P_i U) ⊗ (W^T Q_i W)        (r s x r s, THEORY §2),
+
+    so the spectrum is ``eig(S)`` followed by ``a b - r s`` exact zeros: for a layer Hessian
+    minus a Papyan term ``r <= K`` (every left factor is in the row space of ``A``) and
+    ``s <= min(d, N)`` (the class means are in the span of ``H``), where the rows of
+    :class:`RowGram` would need a thin QR of ``p x K min(d, N)``.
+    It is a :class:`RowGram` whose rows (the lifted eigenvectors of ``S``) are formed only on
+    request.
+    """
+
+    def __init__(self, terms: list[tuple[float, KroneckerGram]]) -> None:
+        first = terms[0][1]
+        SymmetricMatrix.__init__(self, first.size, first.dtype, first.device)
+        self.terms = [(float(c), M) for c, M in terms]
+        self.a, self.b = first.a, first.b
+        # a factor shared by several terms (the class means in G_class and G_cross) counts once
+        lefts = list({id(M.F_P): M.F_P for _, M in self.terms}.values())
+        rights = list({id(M.F_Q): M.F_Q for _, M in self.terms}.values())
+        self.U = _span(torch.cat(lefts, dim=0).T)  # (a, r)
+        self.W = _span(torch.cat(rights, dim=1))  # (b, s)
+        self._eig: tuple[Tensor, Tensor] | None = None
+
+    @property
+    def rank_bound(self) -> int:
+        return self.U.shape[1] * self.W.shape[1]
+
+    def small(self) -> Tensor:
+        """``S``: ``(r s, r s)`` (class docstring)."""
+        r, s = self.U.shape[1], self.W.shape[1]
+        S = torch.zeros(r * s, r * s, dtype=self.dtype, device=self.device)
+        for c, M in self.terms:
+            FP, FQ = M.F_P @ self.U, self.W.T @ M.F_Q
+            S = S + c * torch.kron(FP.T @ FP, FQ @ FQ.T)
+        return 0.5 * (S + S.T)
+
+    def matmat(self, V: Tensor) -> Tensor:
+        out = torch.zeros_like(V)
+        for c, M in self.terms:
+            out = out + c * M.matmat(V)
+        return out
+
+    def dense(self) -> Tensor:
+        return sum(c * M.dense() for c, M in self.terms)
+
+    def trace(self) -> Tensor:
+        return sum(c * M.trace() for c, M in self.terms)
+
+    def eigvalsh(self) -> Tensor:
+        return pad_spectrum(torch.linalg.eigvalsh(self.small()), self.size)
+
+    def nonzero_eigh(self) -> tuple[Tensor, Tensor]:
+        """The ``r s`` eigenpairs of ``S`` lifted to ``vec(U Y W^T)``, descending."""
+        if self._eig is None:
+            vals, Y = _dense_eigh(self.small())
+            Y = Y.T.reshape(-1, self.U.shape[1], self.W.shape[1])
+            vecs = (self.U @ Y @ self.W.T).reshape(-1, self.size).T
+            self._eig = (vals, vecs)
+        return self._eig
+
+    @property
+    def F(self) -> Tensor:  # the RowGram view: rows are the lifted eigenvectors
+        return self.nonzero_eigh()[1].T
+
+    @property
+    def w(self) -> Tensor:
+        return self.nonzero_eigh()[0]
+
+
 # -- Grams of sample-indexed Jacobian rows ----------------------------------------------------------
 class RowSpaceGram(LowRankMixin, SymmetricMatrix):
     """``V^T V`` for a ``V`` with ``N R`` rows indexed ``(sample n, r)``, given through products.
@@ -338,8 +452,16 @@ class RowSpaceGram(LowRankMixin, SymmetricMatrix):
         return pad_spectrum(vals, self.size)
 
     def topk(self, k: int, tol: float = 0.0) -> tuple[Tensor, Tensor]:
+        """The ``k`` largest eigenpairs, descending: ``(k,)``, ``(p, k)``.
+
+        Exact small eigenproblems (``p x p`` dense or ``NR x NR`` Gram) while those are small;
+        beyond :data:`ITERATIVE_FROM` block Lanczos on the structured product (``lanczos_topk``,
+        ``tol`` its relative residual tolerance, 0 = working accuracy).
+        """
         if not 1 <= k <= self.size:
             raise ConfigError("k", k, f"an integer in [1, {self.size}]")
+        if min(self.N * self.R, self.size) > ITERATIVE_FROM and 4 * k < self.size:
+            return lanczos_topk(self, k, tol)
         if not self._use_gram():
             return dense_topk(self.dense(), k)
         if k <= self.rank_bound:
@@ -349,22 +471,50 @@ class RowSpaceGram(LowRankMixin, SymmetricMatrix):
         return super().topk(k, tol)  # a zero eigenvalue in the top k: its vector needs a basis
 
 
+# The sample-side projectors C of JacobianGram (THEORY M3): with M_pair averaging the rows of one
+# (class, r) pair over the n samples and M_class averaging a class's n R rows, the Papyan terms are
+# V^T M_class V = G_class, V^T (M_pair - M_class) V = G_cross, V^T (I - M_pair) V = G_within.
+PARTS = ("within", "minus_class", "minus_cross")
+
+
+def _project(X: Tensor, part: str) -> Tensor:
+    """``C X`` for ``X`` ``(K, n, R, ...)`` indexed by rows (class, sample, r): ``I - M_pair``
+    (``"within"``, ``G_within``), ``I - M_class`` (``"minus_class"``, ``H - G_class``) or
+    ``I - M_pair + M_class`` (``"minus_cross"``, ``H - G_cross``)."""
+    if part == "within":
+        return X - X.mean(dim=1, keepdim=True)
+    class_mean = X.mean(dim=(1, 2), keepdim=True)
+    if part == "minus_class":
+        return X - class_mean
+    return X - X.mean(dim=1, keepdim=True) + class_mean
+
+
 class JacobianGram(RowSpaceGram):
     """``(1/N) sum_n (Ã_n^T Ã_n) ⊗ (h_n h_n^T) = V^T C V``, rows ``ã_{n,r} ⊗ h_n / sqrt(N)`` of ``V``.
 
     Args:
         A_w: ``(N, R, d_out)`` per-sample weighted back products, or ``(R, d_out)`` shared.
         H: layer inputs ``(d_in, N)``, class-major columns.
-        class_size: if given (``n``), ``C`` centres the rows over the samples of each class
-            (``v_{icr} -> v_{icr} - mean_i v_{icr}``: Papyan's ``G_within``); else ``C = I``.
+        class_size: if given (``n``), ``C`` is one of the orthogonal projectors on the sample
+            side chosen by ``part`` (see ``_project``); else ``C = I``.
+        part: ``"within"`` (Papyan's ``G_within``: rows centred over the samples of each class,
+            ``v_{icr} -> v_{icr} - mean_i v_{icr}``), ``"minus_class"`` (``H_l - G_class``) or
+            ``"minus_cross"`` (``H_l - G_cross``): the knockouts keep the row-space form, so
+            their exact spectrum comes from an ``NR x NR`` Gram when ``NR < p``.
 
     ``matmat`` costs ``O(N R d_out + d_out d_in N)`` per vector; nothing of size ``p x p`` or
     ``NR x p`` is formed except by ``dense``/``rows``. Spectrum: from the ``NR x NR`` Gram
     ``C (ÃÃ^T ∘ H^T H) C / N`` when ``NR < p``, else dense.
     """
 
-    def __init__(self, A_w: Tensor, H: Tensor, class_size: int | None = None) -> None:
-        self.A_w, self.H, self.class_size = A_w, H, class_size
+    def __init__(
+        self, A_w: Tensor, H: Tensor, class_size: int | None = None, part: str = "within"
+    ) -> None:
+        if part not in PARTS:
+            raise ConfigError("part", part, f"one of {PARTS}")
+        self.A_w, self.H, self.class_size, self.part = A_w, H, class_size, part
+        # batched products with a transposed operand run ~1.5x slower on MKL: keep a copy
+        self.A_wT = A_w.transpose(-1, -2).contiguous()
         self.shared = A_w.dim() == 2
         self.N, self.R = H.shape[1], A_w.shape[-2]
         self.d_out, self.d_in = A_w.shape[-1], H.shape[0]
@@ -372,36 +522,41 @@ class JacobianGram(RowSpaceGram):
 
     @property
     def rank_bound(self) -> int:
-        rows = self.N * self.R
+        rows, K = self.N * self.R, self.N // (self.class_size or 1)
+        removed = {"within": K * self.R, "minus_class": K, "minus_cross": K * self.R - K}
         if self.class_size is not None:
-            rows -= (self.N // self.class_size) * self.R
+            rows -= removed[self.part]
         return min(rows, self.size)
 
     def _center(self, S: Tensor) -> Tensor:
-        """``C`` on sample-indexed tensors ``(..., N, R)``: subtract each class's mean over samples."""
+        """``C`` on sample-major tensors ``(N, R, ...)``."""
         if self.class_size is None:
             return S
         n = self.class_size
-        S = S.reshape(*S.shape[:-2], self.N // n, n, self.R)
-        return (S - S.mean(dim=-2, keepdim=True)).reshape(*S.shape[:-3], self.N, self.R)
+        X = _project(S.reshape(self.N // n, n, *S.shape[1:]), self.part)
+        return X.reshape(S.shape)
 
     def apply_V(self, V: Tensor) -> Tensor:
-        """``C V x`` for every column: ``(p, m) -> (m, N, R)``."""
-        XH = V.T.reshape(-1, self.d_out, self.d_in) @ self.H  # (m, d_out, N)
-        if self.shared:
-            S = (self.A_w @ XH).transpose(1, 2)
-        else:
-            S = torch.einsum("nrd,mdn->mnr", self.A_w, XH)
-        return self._center(S) / math.sqrt(self.N)
+        """``C V x`` for every column: ``(p, m) -> (m, N, R)`` (a view of a sample-major tensor).
+
+        Two large GEMMs against ``H`` and one batched product per sample; columns are the inner
+        index throughout, so no batched product sees a strided operand.
+        """
+        m = V.shape[1]
+        # X_j H for every column j as (N, d_out, m): one (N x d_in) @ (d_in x d_out m) GEMM
+        Vt = V.reshape(self.d_out, self.d_in, m).transpose(0, 1).reshape(self.d_in, -1)
+        Y = (self.H.T @ Vt).reshape(self.N, self.d_out, m)
+        S = torch.matmul(self.A_w, Y)  # (N, R, m); the shared (R, d_out) factor broadcasts
+        return (self._center(S) / math.sqrt(self.N)).permute(2, 0, 1)
 
     def apply_VT(self, S: Tensor) -> Tensor:
         """``V^T C s``: ``(m, N, R) -> (p, m)``."""
-        S = self._center(S)
-        if self.shared:
-            T = self.A_w.T @ S.transpose(1, 2)  # (m, d_out, N)
-        else:
-            T = torch.einsum("nrd,mnr->mdn", self.A_w, S)
-        return (T @ self.H.T).reshape(-1, self.size).T / math.sqrt(self.N)
+        m = S.shape[0]
+        S = self._center(S.permute(1, 2, 0))  # (N, R, m)
+        T = torch.matmul(self.A_wT, S)  # (N, d_out, m)
+        out = self.H @ T.reshape(self.N, -1)  # (d_in, d_out m)
+        out = out.reshape(self.d_in, self.d_out, m).transpose(0, 1).reshape(self.size, m)
+        return out / math.sqrt(self.N)
 
     def per_sample_A(self) -> Tensor:
         """``Ã_n`` for every sample: ``(N, R, d_out)`` (an expanded view when shared)."""
@@ -412,32 +567,45 @@ class JacobianGram(RowSpaceGram):
     def rows(self) -> Tensor:
         """``C V``: ``(N R, p)``, rows ordered ``(sample, r)`` (formed only on request)."""
         V = torch.einsum("nrd,en->nrde", self.per_sample_A(), self.H) / math.sqrt(self.N)
-        V = V.reshape(self.N, self.R, self.size)
-        if self.class_size is not None:
-            n = self.class_size
-            V = V.reshape(self.N // n, n, self.R, self.size)
-            V = V - V.mean(dim=1, keepdim=True)
-        return V.reshape(-1, self.size)
+        return self._center(V.reshape(self.N, self.R, self.size)).reshape(-1, self.size)
 
     def dense(self) -> Tensor:
-        """``(1/N) sum_n (Ã_n^T Ã_n) ⊗ (h_n h_n^T)`` as one ``(a a', N) x (N, b b')`` product
-        (``R`` times cheaper than ``V^T V``); centring removes ``(n/N) sum_{c,r} v̄_cr v̄_cr^T``."""
+        """``(1/N) sum_n (Ã_n^T Ã_n) ⊗ (h_n h_n^T)`` minus ``V^T (I - C) V``.
+
+        The first term is one ``(N, a <= a') x (N, b <= b')`` product over the upper triangles of
+        the symmetric per-sample factors, scattered to all ``p^2`` entries (``R`` times cheaper
+        than ``V^T V``, and 4 times cheaper than the full ``(a a', b b')`` product). The second,
+        from the class-pair means ``v̄_cr`` of the rows: ``(n/N) sum_{c,r} v̄_cr v̄_cr^T`` for
+        ``G_within``, ``G_class`` or ``G_cross`` (``(n/N) sum (v̄_cr - v̄_c)(v̄_cr - v̄_c)^T``)
+        for the knockouts."""
         A = self.per_sample_A()
-        S = (A.transpose(1, 2) @ A).reshape(self.N, -1)  # (N, d_out^2)
-        HH = (self.H.T.unsqueeze(2) * self.H.T.unsqueeze(1)).reshape(self.N, -1)
-        G = (S.T @ HH).reshape(self.d_out, self.d_out, self.d_in, self.d_in)
-        G = G.permute(0, 2, 1, 3).reshape(self.size, self.size) / self.N
+        (ro, co), where_out = _triangle(self.d_out, self.H.device)
+        (ri, ci), where_in = _triangle(self.d_in, self.H.device)
+        S = (A.transpose(1, 2) @ A)[:, ro, co]  # (N, t_out)
+        HH = self.H[ri] * self.H[ci]  # (t_in, N)
+        P = (S.T @ HH.T) / self.N  # (t_out, t_in)
+        G = P.index_select(0, where_out.reshape(-1)).index_select(1, where_in.reshape(-1))
+        G = G.reshape(self.d_out, self.d_out, self.d_in, self.d_in).permute(0, 2, 1, 3)
+        G = G.reshape(self.size, self.size)
         if self.class_size is not None:
             n = self.class_size
             K = self.N // n
             Ak = A.reshape(K, n, self.R, self.d_out)
             Hk = self.H.reshape(self.d_in, K, n)
-            means = torch.einsum("cird,eci->crde", Ak, Hk).reshape(K * self.R, -1) / n
-            G = G - (n / self.N) * (means.T @ means)
-        return 0.5 * (G + G.T)
+            means = torch.einsum("cird,eci->crde", Ak, Hk).reshape(K, self.R, -1) / n
+            class_means = means.mean(dim=1, keepdim=True)
+            if self.part == "minus_class":  # G_class = sum_c v̄_c v̄_c^T (nR = N)
+                rows = class_means.reshape(K, -1) * math.sqrt(self.R)
+            elif self.part == "minus_cross":
+                rows = (means - class_means).reshape(K * self.R, -1)
+            else:
+                rows = means.reshape(K * self.R, -1)
+            G = G - (n / self.N) * (rows.T @ rows)
+            G = 0.5 * (G + G.T)
+        return G
 
     def gram(self) -> Tensor:
-        """``C V V^T C``: ``(NR, NR)``, entries ``(ã_{n,r}·ã_{n',r'})(h_n·h_n')/N`` before centring."""
+        """``C V V^T C``: ``(NR, NR)``, entries ``(ã_{n,r}·ã_{n',r'})(h_n·h_n')/N`` before ``C``."""
         HH = self.H.T @ self.H
         if self.shared:
             G = torch.kron(HH, self.A_w @ self.A_w.T)
@@ -447,10 +615,8 @@ class JacobianGram(RowSpaceGram):
             G.view(self.N, self.R, self.N, self.R).mul_(HH.unsqueeze(1).unsqueeze(3))
         G = G / self.N
         if self.class_size is not None:
-            n, K, R = self.class_size, self.N // self.class_size, self.R
-            G4 = G.reshape(K, n, R, K, n, R)
-            G4 = G4 - G4.mean(dim=1, keepdim=True)
-            G = (G4 - G4.mean(dim=4, keepdim=True)).reshape(self.N * R, self.N * R)
+            G = self._center(G.reshape(self.N, self.R, -1)).reshape(G.shape)
+            G = self._center(G.T.reshape(self.N, self.R, -1)).reshape(G.shape)  # C G C^T
         return G
 
     def trace(self) -> Tensor:

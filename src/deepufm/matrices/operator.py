@@ -13,7 +13,7 @@ from abc import ABC, abstractmethod
 
 import numpy as np
 import torch
-from scipy.sparse.linalg import LinearOperator, eigsh
+from scipy.sparse.linalg import LinearOperator
 from torch import Tensor
 
 # Below this size a dense eigendecomposition is cheaper and exact; above, Lanczos.
@@ -59,17 +59,18 @@ class SymmetricMatrix(ABC):
     def topk(self, k: int, tol: float = 0.0) -> tuple[Tensor, Tensor]:
         """The ``k`` algebraically largest eigenpairs, descending: ``(k,)``, ``(p, k)``.
 
-        Dense ``eigh`` for small matrices, scipy's Lanczos (``eigsh``) otherwise.
+        Dense ``eigh`` for small matrices, block Lanczos on :meth:`matmat` otherwise
+        (``lanczos.lanczos_topk``; ``tol`` is its relative residual tolerance, 0 = working
+        accuracy).
         """
         if not 1 <= k <= self.size:
             raise ValueError(f"k={k} must be in [1, {self.size}]")
-        if self.size <= DENSE_LIMIT or k >= self.size - 1:
+        if self.size <= DENSE_LIMIT or 4 * k >= self.size:
             vals, vecs = self.eigh()
             return vals[:k], vecs[:, :k]
-        vals, vecs = eigsh(self.as_linear_operator(), k=k, which="LA", tol=tol)
-        order = np.argsort(vals)[::-1].copy()
-        to = lambda a: torch.as_tensor(a[..., order], dtype=self.dtype, device=self.device)  # noqa: E731
-        return to(vals), to(vecs)
+        from deepufm.matrices.lanczos import lanczos_topk  # lanczos builds on this module
+
+        return lanczos_topk(self, k, tol)
 
     def as_linear_operator(self) -> LinearOperator:
         """A float64 ``scipy.sparse.linalg.LinearOperator`` (symmetric)."""

@@ -23,8 +23,13 @@ Structure: everything is built from ``v_{icc'} = ã_{ic,c'} ⊗ h_ic``. In the l
     G_cross = (A^T S A / K) ⊗ (M M^T),     G_within = (A^T A) ⊗ (H_c H_c^T / N),
 
 (``ā`` the mean row of ``A``, ``M`` the class means of ``H``, ``H_c = H - M ⊗ 1_n^T``), so their
-spectra cost two small eigenproblems. Otherwise ``G_class``/``G_cross`` are held by their ``K`` and
-``K^2`` rows and ``G_within`` as a within-class-centred :class:`JacobianGram`.
+spectra cost two small eigenproblems, and a knockout ``H_l - G_X`` is a :class:`KroneckerSum`,
+diagonalised exactly in the shared ``K min(d, N)``-dimensional factor basis. Otherwise
+``G_class``/``G_cross`` are held by their ``K`` and ``K^2`` rows and ``G_within`` as a
+within-class-centred :class:`JacobianGram`; the knockouts ``H_l - G_class`` and
+``H_l - G_cross`` are again :class:`JacobianGram` matrices ``V^T C V``, ``C`` a projector on the
+sample side (``N R`` rows), so their exact spectrum comes from the ``N R x N R`` Gram when
+``N R < p``.
 """
 
 from __future__ import annotations
@@ -77,11 +82,16 @@ class PapyanDecomposition:
         the M3 identity (``H_l = G_l`` for one layer), without cancelling the large within-class
         part against itself.
         """
-        return {
-            "class": self.gauss_newton - self.class_,
-            "cross": self.gauss_newton - self.cross,
-            "within": self.class_ + self.cross,
-        }
+        G, within = self.gauss_newton, self.within
+        if isinstance(G, JacobianGram) and isinstance(within, JacobianGram):
+            # V^T (I - M_class) V and V^T (I - M_pair + M_class) V: still N R rows, so the
+            # spectrum comes from the N R x N R Gram when that is smaller than p
+            n = within.class_size
+            minus_class = JacobianGram(G.A_w, G.H, class_size=n, part="minus_class")
+            minus_cross = JacobianGram(G.A_w, G.H, class_size=n, part="minus_cross")
+        else:  # Kronecker terms: a KroneckerSum, exact in the shared factor basis
+            minus_class, minus_cross = G - self.class_, G - self.cross
+        return {"class": minus_class, "cross": minus_cross, "within": self.class_ + self.cross}
 
 
 def jacobian_rows(model: DeepUFM, layer: int, relu_tol: float = 0.0) -> Tensor:
@@ -149,9 +159,10 @@ def knockout_spectra(
     """Descending eigenvalues of ``H_l - G_X`` for ``X`` in ``class``, ``cross``, ``within``
     (THEORY M3; v1 Figs 5-6, v2 Figs 9-10): ``{X: (k,)}``, all ``p`` of them when ``k`` is None.
 
-    Exact: each knockout is a difference of row-factored matrices, diagonalised through a thin QR of
-    its rows when they are fewer than ``p`` (``RowGram``), densely otherwise. At a DNC optimum the
-    non-zero counts are ``K(K-1)``, ``K`` and ``K^2`` (THEORY §6).
+    Exact: in the shared factor basis for linear MSE (:class:`KroneckerSum`), from the
+    ``N R x N R`` row-space Gram (``JacobianGram`` with a sample-side projector) when that is smaller
+    than ``p``, densely otherwise; ``H_l - G_within = G_class + G_cross`` from its ``K + K^2`` rows.
+    At a DNC optimum the non-zero counts are ``K(K-1)``, ``K`` and ``K^2`` (THEORY §6).
     """
     dec = papyan_decomposition(model, layer, relu_tol)
     out = {name: M.eigvalsh() for name, M in dec.knockouts().items()}

@@ -75,10 +75,7 @@ def layer_report(
     ranks = {
         name: _rank(part.eigvalsh(), top, rank_rtol) for name, part in dec.components().items()
     }
-    knockouts = {
-        name: (dec.gauss_newton - part).eigvalsh()[:k2].tolist()
-        for name, part in dec.components().items()
-    }
+    knockouts = {name: M.eigvalsh()[:k2].tolist() for name, M in dec.knockouts().items()}
     g = data_gradient(model, layer, relu_tol)
     sv = weight_singular_values(model, layer)
     U = model.W[layer - 1] @ Hs[layer - 1]
