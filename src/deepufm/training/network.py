@@ -263,7 +263,16 @@ def load_network_data(
 
 
 def build_model(config: NetworkTrainConfig, data: ClassificationData) -> ResNetUFM:
-    """The initial network for ``data`` (``K`` classes, its channels) on the config's device."""
+    """The initial network for ``data`` (``K`` classes, its channels) on the config's device.
+
+    The head input must be at least ``K``-dimensional (``round(64 * width) >= K``) for the head
+    to be a deep UFM (``d_in >= K``) that the probes can measure.
+    """
+    feature_dim = max(1, round(64 * config.width))
+    if feature_dim < data.K:
+        raise ConfigError(
+            "width", config.width, f"a multiplier with round(64 * width) >= K={data.K}"
+        )
     model = ResNetUFM(
         data.K,
         in_channels=data.image_shape[0],
@@ -395,25 +404,33 @@ def run_epoch(
     config: NetworkTrainConfig,
     generator: torch.Generator,
     world: int = 1,
+    rank: int = 0,
 ) -> Tensor:
-    """One pass over ``(X, y)``; returns the mean batch objective (a 0-d tensor, not synchronised).
+    """One pass over ``(X, y)``; returns the mean batch objective (a 0-d tensor).
 
     ``net`` maps images to ``(features, logits)`` (a :class:`FeatureLogits`, possibly wrapped for
     data-parallel training); ``model`` is the underlying network whose weights are regularised.
-    ``X``, ``y`` are this rank's data; ``world`` the number of ranks (:func:`shard_objective`).
+    With ``world > 1`` ranks every rank holds all of ``(X, y)``, draws the same batch order, and
+    computes on its contiguous share of each batch (:func:`shard_objective`); the returned
+    objective is then the average over the ranks (one ``all_reduce`` per epoch).
     """
     set_bn_train_mode(net, config.bn_train)
     N = X.shape[0]
     total = torch.zeros((), dtype=X.dtype, device=X.device)
     for idx in batch_slices(N, config.batch_size, generator):
+        batch = N if idx is None else idx.numel()
+        if world > 1:
+            idx = (torch.arange(N) if idx is None else idx).tensor_split(world)[rank]
         Xb, yb = (X, y) if idx is None else (X[idx.to(X.device)], y[idx.to(y.device)])
         optimizer.zero_grad()
         H, Z = net(Xb)
-        batch = Xb.shape[0] * world
         loss = shard_objective(model, H, Z, yb, config, batch, world)
         loss.backward()
         optimizer.step()
-        total = total + loss.detach() * (Xb.shape[0] / N)
+        total = total + loss.detach() * (batch / N)
+    if world > 1:
+        torch.distributed.all_reduce(total)
+        total = total / world
     return total
 
 
@@ -674,12 +691,13 @@ def _loop(
     probes: Sequence[NetworkProbe],
     progress: bool,
     world: int = 1,
-    is_main: bool = True,
+    rank: int = 0,
 ) -> NetworkState:
     """The epoch loop shared by single-process and data-parallel training."""
     cfg = state.config
     schedule = set(probe_epochs(cfg.epochs, cfg.probes_per_decade, cfg.probe_at))
     t_start = time.perf_counter() - state.elapsed
+    is_main = rank == 0
     writes = state.run_dir is not None and is_main
     bar = tqdm(
         total=cfg.epochs,
@@ -701,7 +719,9 @@ def _loop(
                 break
             lr = cfg.lr_at(state.epoch)
             state.optimizer.lr = lr
-            loss = run_epoch(state.model, net, state.optimizer, X, y, cfg, state.generator, world)
+            loss = run_epoch(
+                state.model, net, state.optimizer, X, y, cfg, state.generator, world, rank
+            )
             state.epoch += 1
             state.train_loss = float(loss)
             if not math.isfinite(state.train_loss):
