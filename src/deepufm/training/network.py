@@ -207,15 +207,22 @@ _PAPER = {"batch_size": 10_000, "dtype": "float32", "device": "cuda", "checkpoin
 _PAPER_MNIST = _PAPER | {"per_class": 5000, "epochs": 4000, "lr": 0.04, "lr_halve_at": (2000,)}
 _PAPER_CIFAR = _PAPER | {"per_class": 5000, "epochs": 5000, "lr": 0.05, "lr_halve_at": (2500,)}
 
-# Two CPU cores, well under 20 minutes on MNIST: 20 images per class, a quarter-width ResNet-20
-# (4/8/16 channels, head input of dimension 16), a head of width 16, float32 convolutions (13x faster
-# than float64 on the CPU), full-batch steps with momentum. Tuned so that the end state shows
-# collapse (see the module README / report of the run for the measured numbers).
+# Two CPU cores, under 20 minutes on MNIST (measured: 2,000 epochs in ~15 min on one thread of a
+# shared 2-core machine): 10 images per class, a quarter-width ResNet-20 (4/8/16 channels, head
+# input of dimension 16), a head of width 16, float32 (the CPU's float64 convolutions are ~13x
+# slower), full-batch steps with momentum 0.9 (20x fewer epochs than the paper's plain steps), lam
+# and lam_H as in the paper. lam = 1e-2 lost a class (90% training accuracy), and lam_H scaled with
+# 1/N (2.5e-4 to 5e-4) slowed the fit ~3x, so both stay at the paper's values. Measured end state on
+# mnist-embedded (epoch 2000, BN in eval mode): loss 0.0837, NC1 of the head inputs
+# 2.1e-3 / 1.9e-3 / 1.9e-3 / 1.9e-3, orthogonal-frame distance 0.56 / 0.46 / 0.39 / 0.34, training
+# accuracy 0.9 (one class not separated); the layer-2 Hessian has *no* clean K^2 outlier group yet
+# (top-100 eigenvalues spread from 0.75 to 1.4e-8, no gap after the 100th). Collapse of NC1, yes;
+# the DNC frame and the Hessian structure need longer training or a wider model (open).
 _QUICK = {
-    "per_class": 20,
-    "epochs": 600,
+    "per_class": 10,
+    "epochs": 2000,
     "lr": 0.05,
-    "lr_halve_at": (400,),
+    "lr_halve_at": (1500,),
     "momentum": 0.9,
     "batch_size": None,
     "d": 16,
