@@ -65,8 +65,9 @@ class ModuleHessian(SymmetricMatrix):
         check_deterministic: refuse data or models whose first batch differs between two passes.
         hvp: ``"forward"`` (forward-over-reverse), ``"reverse"`` (reverse-over-reverse),
             ``"autograd"`` (classic double backward: one gradient graph per batch, then one
-            backward pass through it per column — no ``torch.func`` transforms; the fastest on
-            CPU convolutions in ``benchmarks/full_hessian.py``) or ``"auto"`` (forward when one
+            backward pass through it per column, so a block of columns shares the forward pass;
+            6x cheaper than forward on a tiny CPU ResNet, on par at 28x28, see
+            ``benchmarks/README.md``) or ``"auto"`` (forward when one
             probe product on the first batch succeeds); the mode used is ``self.hvp``.
     """
 
