@@ -181,6 +181,7 @@ def test_hvp_modes_agree(loss_fn):
     assert auto.hvp == ("forward" if classes else "reverse")
     check_operator(auto, ref)
     check_operator(module_hessian(net, loss_fn, batches, hvp="reverse"), ref)
+    check_operator(module_hessian(net, loss_fn, batches, hvp="autograd"), ref)
     with pytest.raises(ConfigError, match="hvp"):
         module_hessian(net, loss_fn, batches, hvp="both")
 

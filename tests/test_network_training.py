@@ -210,3 +210,8 @@ def test_run_directory_contract_and_resume_refuses_other_settings(tmp_path):
 def test_divergence_is_reported():
     with pytest.raises(DivergenceError, match="epoch"):
         nw.train(tiny_config(lr=1e6, epochs=3), tiny_data())
+
+
+def test_head_input_narrower_than_k_is_refused():
+    with pytest.raises(ConfigError, match="width"):
+        nw.build_model(tiny_config(width=0.03), tiny_data(K=3))

@@ -207,15 +207,22 @@ _PAPER = {"batch_size": 10_000, "dtype": "float32", "device": "cuda", "checkpoin
 _PAPER_MNIST = _PAPER | {"per_class": 5000, "epochs": 4000, "lr": 0.04, "lr_halve_at": (2000,)}
 _PAPER_CIFAR = _PAPER | {"per_class": 5000, "epochs": 5000, "lr": 0.05, "lr_halve_at": (2500,)}
 
-# Two CPU cores, well under 20 minutes on MNIST: 20 images per class, a quarter-width ResNet-20
-# (4/8/16 channels, head input of dimension 16), a head of width 16, float32 convolutions (13x faster
-# than float64 on the CPU), full-batch steps with momentum. Tuned so that the end state shows
-# collapse (see the module README / report of the run for the measured numbers).
+# Two CPU cores, under 20 minutes on MNIST (measured: 2,000 epochs in ~15 min on one thread of a
+# shared 2-core machine): 10 images per class, a quarter-width ResNet-20 (4/8/16 channels, head
+# input of dimension 16), a head of width 16, float32 (the CPU's float64 convolutions are ~13x
+# slower), full-batch steps with momentum 0.9 (20x fewer epochs than the paper's plain steps), lam
+# and lam_H as in the paper. lam = 1e-2 lost a class (90% training accuracy), and lam_H scaled with
+# 1/N (2.5e-4 to 5e-4) slowed the fit ~3x, so both stay at the paper's values. Measured end state on
+# mnist-embedded (epoch 2000, BN in eval mode): loss 0.0837, NC1 of the head inputs
+# 2.1e-3 / 1.9e-3 / 1.9e-3 / 1.9e-3, orthogonal-frame distance 0.56 / 0.46 / 0.39 / 0.34, training
+# accuracy 0.9 (one class not separated); the layer-2 Hessian has *no* clean K^2 outlier group yet
+# (top-100 eigenvalues spread from 0.75 to 1.4e-8, no gap after the 100th). Collapse of NC1, yes;
+# the DNC frame and the Hessian structure need longer training or a wider model (open).
 _QUICK = {
-    "per_class": 20,
-    "epochs": 600,
+    "per_class": 10,
+    "epochs": 2000,
     "lr": 0.05,
-    "lr_halve_at": (400,),
+    "lr_halve_at": (1500,),
     "momentum": 0.9,
     "batch_size": None,
     "d": 16,
@@ -263,7 +270,16 @@ def load_network_data(
 
 
 def build_model(config: NetworkTrainConfig, data: ClassificationData) -> ResNetUFM:
-    """The initial network for ``data`` (``K`` classes, its channels) on the config's device."""
+    """The initial network for ``data`` (``K`` classes, its channels) on the config's device.
+
+    The head input must be at least ``K``-dimensional (``round(64 * width) >= K``) for the head
+    to be a deep UFM (``d_in >= K``) that the probes can measure.
+    """
+    feature_dim = max(1, round(64 * config.width))
+    if feature_dim < data.K:
+        raise ConfigError(
+            "width", config.width, f"a multiplier with round(64 * width) >= K={data.K}"
+        )
     model = ResNetUFM(
         data.K,
         in_channels=data.image_shape[0],
@@ -395,25 +411,33 @@ def run_epoch(
     config: NetworkTrainConfig,
     generator: torch.Generator,
     world: int = 1,
+    rank: int = 0,
 ) -> Tensor:
-    """One pass over ``(X, y)``; returns the mean batch objective (a 0-d tensor, not synchronised).
+    """One pass over ``(X, y)``; returns the mean batch objective (a 0-d tensor).
 
     ``net`` maps images to ``(features, logits)`` (a :class:`FeatureLogits`, possibly wrapped for
     data-parallel training); ``model`` is the underlying network whose weights are regularised.
-    ``X``, ``y`` are this rank's data; ``world`` the number of ranks (:func:`shard_objective`).
+    With ``world > 1`` ranks every rank holds all of ``(X, y)``, draws the same batch order, and
+    computes on its contiguous share of each batch (:func:`shard_objective`); the returned
+    objective is then the average over the ranks (one ``all_reduce`` per epoch).
     """
     set_bn_train_mode(net, config.bn_train)
     N = X.shape[0]
     total = torch.zeros((), dtype=X.dtype, device=X.device)
     for idx in batch_slices(N, config.batch_size, generator):
+        batch = N if idx is None else idx.numel()
+        if world > 1:
+            idx = (torch.arange(N) if idx is None else idx).tensor_split(world)[rank]
         Xb, yb = (X, y) if idx is None else (X[idx.to(X.device)], y[idx.to(y.device)])
         optimizer.zero_grad()
         H, Z = net(Xb)
-        batch = Xb.shape[0] * world
         loss = shard_objective(model, H, Z, yb, config, batch, world)
         loss.backward()
         optimizer.step()
-        total = total + loss.detach() * (Xb.shape[0] / N)
+        total = total + loss.detach() * (batch / N)
+    if world > 1:
+        torch.distributed.all_reduce(total)
+        total = total / world
     return total
 
 
@@ -674,12 +698,13 @@ def _loop(
     probes: Sequence[NetworkProbe],
     progress: bool,
     world: int = 1,
-    is_main: bool = True,
+    rank: int = 0,
 ) -> NetworkState:
     """The epoch loop shared by single-process and data-parallel training."""
     cfg = state.config
     schedule = set(probe_epochs(cfg.epochs, cfg.probes_per_decade, cfg.probe_at))
     t_start = time.perf_counter() - state.elapsed
+    is_main = rank == 0
     writes = state.run_dir is not None and is_main
     bar = tqdm(
         total=cfg.epochs,
@@ -701,7 +726,9 @@ def _loop(
                 break
             lr = cfg.lr_at(state.epoch)
             state.optimizer.lr = lr
-            loss = run_epoch(state.model, net, state.optimizer, X, y, cfg, state.generator, world)
+            loss = run_epoch(
+                state.model, net, state.optimizer, X, y, cfg, state.generator, world, rank
+            )
             state.epoch += 1
             state.train_loss = float(loss)
             if not math.isfinite(state.train_loss):

@@ -1,0 +1,260 @@
+"""Data-parallel training of a ResNetUFM with ``torch.distributed`` (DDP), launched by ``torchrun``.
+
+Launch (two processes on the CPU with gloo; NCCL is chosen on the GPU)::
+
+    torchrun --nproc-per-node 2 -m deepufm.training.distributed --preset quick --out runs/ddp
+
+Every rank holds the data, draws the same batch order and computes on its contiguous share of each
+batch; :class:`~torch.nn.parallel.DistributedDataParallel` averages the gradients, and the shard
+objective (:func:`deepufm.training.network.shard_objective`) is weighted so that the average is the
+gradient of the whole batch's objective. The trajectory is therefore that of single-process
+training up to floating-point summation order, provided the network is the same function of each
+batch on every rank:
+
+* ``bn_train="batch"``: BatchNorm must use the statistics of the *whole* batch. On the GPU the
+  layers become :class:`torch.nn.SyncBatchNorm`; PyTorch's SyncBatchNorm refuses CPU tensors, so on
+  the CPU they become :class:`AllReduceBatchNorm2d`, which sums the per-channel moments over the
+  ranks with differentiable all-reduces (gloo).
+* ``bn_train="frozen"``: BatchNorm is an affine map with fixed statistics; nothing to synchronise.
+
+Probes, the progress bar and checkpoints run on rank 0 only (the other ranks wait for it at their
+next collective). Probes must not use collectives, so ``bn_mode="train"`` probes are refused.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+from torch.nn.parallel import DistributedDataParallel
+
+from deepufm.data import ClassificationData
+from deepufm.errors import ConfigError
+from deepufm.training import rundir as rd
+from deepufm.training.network import (
+    DEFAULT_NETWORK_PROBES,
+    FeatureLogits,
+    NetworkProbe,
+    NetworkState,
+    NetworkTrainConfig,
+    _loop,
+    _open_run,
+    load_network_data,
+    new_state,
+    preset,
+    read_network_config,
+    restore_state,
+)
+
+
+class _SumOverRanks(torch.autograd.Function):
+    """``sum_r x_r`` on every rank; its adjoint is again the sum over the ranks (every rank's output
+    depends on every rank's input)."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor) -> Tensor:
+        out = x.clone()
+        dist.all_reduce(out)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> Tensor:
+        grad = grad.clone()
+        dist.all_reduce(grad)
+        return grad
+
+
+def differentiable_all_reduce(x: Tensor) -> Tensor:
+    """The sum of ``x`` over all ranks, differentiable (the gradient is summed over ranks too)."""
+    return _SumOverRanks.apply(x)
+
+
+class AllReduceBatchNorm2d(nn.BatchNorm2d):
+    """BatchNorm over the union of the ranks' batches, on any device (gloo or NCCL).
+
+    In training mode with more than one rank, the per-channel count, mean and (biased) variance are
+    computed from all-reduced sums (two passes: the mean first, then the centred squares, as the
+    single-process kernel does), through differentiable all-reduces so that the backward pass sees
+    the whole batch too; the running statistics are updated as :class:`nn.BatchNorm2d` does (with
+    the unbiased variance). Otherwise it is exactly :class:`nn.BatchNorm2d`.
+    """
+
+    def forward(self, x: Tensor) -> Tensor:
+        if not (self.training and dist.is_initialized() and dist.get_world_size() > 1):
+            return super().forward(x)
+        dims = (0, 2, 3)
+        count = torch.full((1,), x.numel() / x.shape[1], dtype=x.dtype, device=x.device)
+        sums = differentiable_all_reduce(torch.cat([x.sum(dim=dims), count]))
+        n = sums[-1]
+        mean = sums[:-1] / n
+        centred = x - mean.view(1, -1, 1, 1)
+        var = differentiable_all_reduce(centred.pow(2).sum(dim=dims)) / n
+        if self.track_running_stats:
+            with torch.no_grad():
+                self.num_batches_tracked.add_(1)
+                m = (
+                    1.0 / float(self.num_batches_tracked)
+                    if self.momentum is None
+                    else self.momentum
+                )
+                self.running_mean.mul_(1 - m).add_(mean.detach(), alpha=m)
+                self.running_var.mul_(1 - m).add_(var.detach() * (n / (n - 1)), alpha=m)
+        out = centred * torch.rsqrt(var + self.eps).view(1, -1, 1, 1)
+        if self.affine:
+            out = out * self.weight.view(1, -1, 1, 1) + self.bias.view(1, -1, 1, 1)
+        return out
+
+
+def sync_batchnorm(module: nn.Module) -> nn.Module:
+    """``module`` with every ``BatchNorm2d`` replaced by a synchronised one, in place where possible.
+
+    CUDA modules get :class:`torch.nn.SyncBatchNorm`, others :class:`AllReduceBatchNorm2d`. The new
+    layers reuse the old parameter and buffer tensors, so optimizers built on the parameters and
+    references to them stay valid.
+    """
+    if isinstance(module, nn.BatchNorm2d) and not isinstance(module, AllReduceBatchNorm2d):
+        device = next(iter(module.buffers())).device
+        if device.type == "cuda":
+            return nn.SyncBatchNorm.convert_sync_batchnorm(module)
+        out = AllReduceBatchNorm2d(
+            module.num_features,
+            module.eps,
+            module.momentum,
+            module.affine,
+            module.track_running_stats,
+            device=device,
+            dtype=module.running_mean.dtype if module.running_mean is not None else None,
+        )
+        if module.affine:
+            out.weight, out.bias = module.weight, module.bias
+        if module.track_running_stats:
+            out.running_mean = module.running_mean
+            out.running_var = module.running_var
+            out.num_batches_tracked = module.num_batches_tracked
+        out.train(module.training)
+        return out
+    for name, child in module.named_children():
+        module.add_module(name, sync_batchnorm(child))
+    return module
+
+
+def _check(config: NetworkTrainConfig) -> tuple[int, int]:
+    if not (dist.is_available() and dist.is_initialized()):
+        raise ConfigError(
+            "torch.distributed",
+            "not initialised",
+            "a process group (launch with torchrun, or call init_process_group first)",
+        )
+    world = dist.get_world_size()
+    if config.bn_mode == "train" and world > 1:
+        raise ConfigError(
+            "bn_mode", config.bn_mode, "eval under data-parallel training (probes run on rank 0)"
+        )
+    return dist.get_rank(), world
+
+
+def train_distributed(
+    config: NetworkTrainConfig,
+    data: ClassificationData,
+    run_dir: Path | str | None = None,
+    probes: Sequence[NetworkProbe] = DEFAULT_NETWORK_PROBES,
+    progress: bool = False,
+    resume: bool = False,
+    overwrite: bool = False,
+) -> NetworkState:
+    """:func:`deepufm.training.network.train` on every rank of an initialised process group.
+
+    Call it on every rank with the same arguments (the data in full on each). Returns each rank's
+    final state (identical parameters on all ranks; ``records`` only on rank 0).
+    """
+    rank, world = _check(config)
+    run_path = None if run_dir is None else Path(run_dir)
+    if run_path is None:
+        state = new_state(config, data)
+    else:
+        if rank == 0:
+            state = _open_run(config, data, run_path, resume, overwrite)
+        dist.barrier()
+        if rank != 0:
+            read_network_config(run_path)  # rank 0 has validated it
+            payload = rd.load_checkpoint(run_path)
+            state = (
+                new_state(config, data) if payload is None else restore_state(config, data, payload)
+            )
+            state.run_dir = run_path
+    if config.bn_train == "batch" and world > 1:
+        sync_batchnorm(state.model)
+    device = torch.device(config.device)
+    net = DistributedDataParallel(
+        FeatureLogits(state.model), device_ids=[device] if device.type == "cuda" else None
+    )
+    X = data.X.to(device, config.torch_dtype)
+    y = data.y.to(device)
+    return _loop(state, net, X, y, data, probes, progress, world, rank)
+
+
+# -- torchrun entry point -------------------------------------------------------------------------
+
+
+def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="torchrun --nproc-per-node P -m deepufm.training.distributed",
+        description="Data-parallel training of ResNet-20 + deep linear head (deepufm).",
+    )
+    parser.add_argument("--preset", default="quick", help="paper or quick (default quick)")
+    parser.add_argument("--dataset", default="mnist-embedded")
+    parser.add_argument("--data-dir", default=None)
+    parser.add_argument("--out", required=True, help="run directory")
+    parser.add_argument("--resume", action="store_true")
+    parser.add_argument("--overwrite", action="store_true")
+    parser.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="FIELD=VALUE",
+        help="override a NetworkTrainConfig field (JSON value), e.g. --set epochs=100",
+    )
+    return parser.parse_args(argv)
+
+
+def _overrides(pairs: Sequence[str]) -> dict[str, Any]:
+    import json
+
+    out = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep:
+            raise ConfigError("--set", pair, "FIELD=VALUE")
+        try:
+            out[key] = json.loads(value)
+        except json.JSONDecodeError:
+            out[key] = value
+    return out
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """Entry point under ``torchrun`` (reads ``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK`` ...)."""
+    args = _parse(argv)
+    config = preset(args.preset, args.dataset, **_overrides(args.set))
+    if config.device.startswith("cuda"):
+        local = int(os.environ.get("LOCAL_RANK", "0"))
+        config = config.replace(device=f"cuda:{local}")
+        torch.cuda.set_device(local)
+    dist.init_process_group("nccl" if config.device.startswith("cuda") else "gloo")
+    try:
+        data = load_network_data(config, args.data_dir)
+        train_distributed(
+            config, data, args.out, progress=True, resume=args.resume, overwrite=args.overwrite
+        )
+    finally:
+        dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
