@@ -36,7 +36,7 @@ def tiny_config(**changes):
 @pytest.fixture
 def tiny_network(monkeypatch):
     def tiny(name, dataset):
-        return resnet_head.Preset(tiny_config(), 2, (0, 4), full_hessian_k=12, hutchinson=8)
+        return resnet_head.Preset(tiny_config(), 2, (0, 4), 12, 8, full_hessian_per_class=2)
 
     monkeypatch.setattr(resnet_head, "preset", tiny)
 
@@ -64,7 +64,7 @@ def test_full_hessian_comparison_against_independent_computations():
     data = net.load_network_data(cfg)
     model = net.build_model(cfg, data).eval()
     head = net.NetworkSnapshot(model, data, cfg, 0).head()
-    cmp = resnet_head.full_hessian_comparison(model, data, cfg, head, k=5, probes=16)
+    cmp = resnet_head.full_hessian_comparison(model, data, cfg, k=5, probes=16)
     X, y = data.X.to(torch.float64), data.y
     loss = lambda out, t: resnet_head.batch_data_loss(out, t, "mse")  # noqa: E731
     H = module_hessian(model, loss, [(X, y)], reduction="mean")
@@ -90,3 +90,13 @@ def test_frobenius_estimate_is_unbiased_within_its_error():
     assert abs(fro - exact) < 4 * err and err < 0.05 * exact
     with pytest.raises(ConfigError, match="probes"):
         resnet_head.frobenius_estimate(M, 1)
+
+
+def test_first_per_class_keeps_the_first_images_of_every_class():
+    data = net.load_network_data(tiny_config(per_class=3))
+    sub = data.first_per_class(2)
+    assert sub.n == 2 and sub.K == data.K
+    torch.testing.assert_close(sub.X[2:4], data.X[3:5], rtol=0, atol=0)
+    assert sub.y.tolist() == [c for c in range(data.K) for _ in range(2)]
+    with pytest.raises(ConfigError, match="per_class"):
+        data.first_per_class(4)

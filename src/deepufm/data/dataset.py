@@ -14,7 +14,7 @@ so the zero padding added afterwards sits exactly at the mean.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
@@ -147,6 +147,14 @@ class ClassificationData:
     def n(self) -> int:
         """Samples per class."""
         return self.X.shape[0] // self.K
+
+    def first_per_class(self, m: int) -> ClassificationData:
+        """The first ``m`` samples of every class (still balanced and class-major)."""
+        if isinstance(m, bool) or not isinstance(m, int) or not 1 <= m <= self.n:
+            raise ConfigError("per_class", m, f"an integer in [1, n={self.n}]")
+        idx = (torch.arange(self.K) * self.n).repeat_interleave(m) + torch.arange(m).repeat(self.K)
+        idx = idx.to(self.y.device)
+        return replace(self, X=self.X[idx], y=self.y[idx])
 
     @property
     def image_shape(self) -> tuple[int, int, int]:

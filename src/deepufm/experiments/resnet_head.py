@@ -46,20 +46,24 @@ DATASETS = {
 class Preset:
     """``training`` is the network run; ``layer`` the studied head layer (THEORY §10: 2);
     ``snapshots`` the epochs whose full spectra are kept; ``full_hessian_k`` eigenvalues of the
-    whole network's Hessian (Theorem 6), ``hutchinson`` probe vectors for its Frobenius norm."""
+    whole network's Hessian (Theorem 6; 0 means K^2), ``hutchinson`` probe vectors for its
+    Frobenius norm, ``full_hessian_per_class`` images per class it is measured on (``None``: all;
+    float64 convolutions on a CPU make each product costly)."""
 
     training: net.NetworkTrainConfig
     layer: int
     snapshots: tuple[int, ...]
     full_hessian_k: int
     hutchinson: int
+    full_hessian_per_class: int | None = None
 
 
 def preset(name: str, dataset: str) -> Preset:
     training = net.preset(name, dataset)
     e = training.epochs
     snaps = tuple(sorted({0, e // 100, e // 10, e}))
-    return Preset(training, 2, snaps, full_hessian_k=0, hutchinson=32)
+    per_class = 2 if name == "quick" else None
+    return Preset(training, 2, snaps, 0, 32, per_class)
 
 
 # -- probes ----------------------------------------------------------------------------------------
@@ -110,14 +114,16 @@ class FullHessianComparison:
 
 
 def full_hessian_comparison(
-    model, data, config: net.NetworkTrainConfig, head: DeepUFM, k: int, probes: int, seed: int = 0
+    model, data, config: net.NetworkTrainConfig, k: int, probes: int, seed: int = 0
 ) -> FullHessianComparison:
-    """Lanczos top-``k`` of the whole network's Hessian (matrix-free, float64, eval-mode BN) and
-    the exact head block from the structured ``block_hessian`` of the head; ``||H||_F^2`` by
-    Hutchinson's estimate ``mean ||H v||^2`` over ``probes`` Rademacher vectors (one data pass)."""
+    """Lanczos top-``k`` of the whole network's data-loss Hessian on ``data`` (matrix-free,
+    float64, eval-mode BN) and the exact head block on the same data from the structured
+    ``block_hessian`` of the head; ``||H||_F^2`` by Hutchinson's estimate ``mean ||H v||^2`` over
+    ``probes`` Rademacher vectors (one data pass). ``model`` is converted to float64 in place."""
     X = data.X.to(config.device, torch.float64)
     y = data.y.to(config.device)
     model64 = model.to(dtype=torch.float64)
+    head = net.NetworkSnapshot(model64, data, config.replace(dtype="float64"), 0).head()
     with curvature_mode(model64, "eval") as m:
         H = module_hessian(
             m, lambda out, t: batch_data_loss(out, t, config.loss), [(X, y)], reduction="mean"
@@ -181,7 +187,12 @@ def run(
     head = net.NetworkSnapshot(state.model, data, cfg, state.epoch).head().to(dtype=torch.float64)
     K = head.config.K
     k = pre.full_hessian_k or K * K
-    comparison = full_hessian_comparison(state.model, data, cfg, head, k, pre.hutchinson)
+    subset = (
+        data
+        if pre.full_hessian_per_class is None
+        else data.first_per_class(min(pre.full_hessian_per_class, data.n))
+    )
+    comparison = full_hessian_comparison(state.model, subset, cfg, k, pre.hutchinson)
     results = _compare(records[-1], head, l)
     write_results(out / "results.json", results)
     figures = _figures(out / "figures", experiment, records, spectral.snapshots, K, l, comparison)
@@ -193,6 +204,7 @@ def run(
                 "v2-thm6",
                 ["quantity", "value"],
                 [
+                    ["images per class", subset.n],
                     ["parameters (whole network)", comparison.parameters],
                     ["parameters (head)", comparison.head_parameters],
                     ["||H||_F (Hutchinson)", comparison.full_fro],
