@@ -13,9 +13,11 @@ from deepufm.experiments import resnet_head
 from deepufm.experiments.registry import catalogue
 from deepufm.matrices import DenseSymmetric, block_hessian, module_hessian
 from deepufm.training import network as net
+from test_data import write_cifar
 
 
 def tiny_config(**changes):
+    """ResNet-8 at quarter width, a 4-layer head of width 12, a few images per class."""
     base = dict(
         dataset="mnist-embedded",
         per_class=3,
@@ -36,7 +38,8 @@ def tiny_config(**changes):
 @pytest.fixture
 def tiny_network(monkeypatch):
     def tiny(name, dataset):
-        return resnet_head.Preset(tiny_config(), 2, (0, 4), 12, 8, full_hessian_per_class=2)
+        cfg = tiny_config(dataset=dataset)
+        return resnet_head.Preset(cfg, 2, (0, 4), 12, 8, full_hessian_per_class=2)
 
     monkeypatch.setattr(resnet_head, "preset", tiny)
 
@@ -57,6 +60,20 @@ def test_mnist_resnet_experiment_end_to_end(tmp_path, tiny_network):
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     last = records[-1]
     assert last["epoch"] == 4 and len(last["f"]) == 10 and len(last["sv_align_left"]) == 10
+
+
+def test_cifar_resnet_runs_on_cifar_files_and_names_missing_ones(tmp_path, tiny_network, capsys):
+    write_cifar(tmp_path / "cifar", N=30)  # the official python pickles, written by the tests
+    out = tmp_path / "run"
+    args = ["run", "cifar-resnet", "--out", str(out), "--quiet"]
+    assert main([*args, "--data-dir", str(tmp_path / "cifar")]) == 0
+    figures = {p.name for p in (out / "figures").iterdir()}
+    assert {"v2-fig14.png", "v2-fig15.png", "v2-fig6.png"} <= figures
+    config = json.loads((out / "config.json").read_text())
+    assert "cifar10" in json.dumps(config)
+    capsys.readouterr()
+    assert main([*args, "--data-dir", str(tmp_path / "empty")]) != 0
+    assert "data_batch_1" in capsys.readouterr().err
 
 
 def test_full_hessian_comparison_against_independent_computations():
