@@ -143,7 +143,10 @@ def spectra_over_epochs(
 
 
 def top_eigenvalues_figure(
-    record: dict, panels: Sequence[tuple[str, str, int | None]], predicted: float
+    record: dict,
+    panels: Sequence[tuple[str, str, int | None]],
+    predicted: float,
+    reference_label: str = "predicted",
 ):
     """Indexed top eigenvalues (log scale) of several spectra held in one probe ``record``.
 
@@ -154,7 +157,9 @@ def top_eigenvalues_figure(
     for ax, (name, key, expect) in zip(axes[0], panels):
         vals = np.clip(record[key], 1e-18, None)
         ax.semilogy(range(1, len(vals) + 1), vals, "o")
-        ax.axhline(predicted, color="k", ls="--", lw=0.9, label=f"predicted {predicted:.4g}")
+        ax.axhline(
+            predicted, color="k", ls="--", lw=0.9, label=f"{reference_label} {predicted:.4g}"
+        )
         if expect is not None:
             ax.axvline(
                 expect + 0.5, color="C3", ls=":", lw=0.9, label=f"{expect} outliers predicted"

@@ -328,7 +328,7 @@ def _figures(
         axes[0, 0],
         ep,
         {"min": np.min(list(f.values()), axis=0), "mean": np.mean(list(f.values()), axis=0)},
-        f"f_cc' of the K^2 = {K * K} predicted eigenvectors (head layer {l})",
+        f"f_cc' of the K^2 = {K * K} predicted vectors (layer {l})",
         "f",
         reference=1.0,
     )
@@ -347,6 +347,7 @@ def _figures(
                 ("H_l - G_class", "knockout_class", K * (K - 1)),
             ],
             ref,
+            reference_label="mean of the top K^2",
         ),
     )
     add(
@@ -395,7 +396,9 @@ def _figures(
         mean, std = tops.mean(axis=1), tops.std(axis=1)
         x = np.maximum(np.asarray(epochs, dtype=float), 0.5)
         ax.plot(x, mean, label="mean")
-        ax.fill_between(x, np.maximum(mean - std, 1e-300), mean + std, alpha=0.3, label="± std")
+        # the band's lower edge is floored at mean/20 so that a wide early spread cannot push the
+        # log axis down to 1e-300
+        ax.fill_between(x, np.maximum(mean - std, mean / 20), mean + std, alpha=0.3, label="± std")
         ax.set_xscale("log")
         ax.set_yscale("log")
         ax.set_xlabel("epoch")
