@@ -66,14 +66,20 @@ def test_cifar_resnet_runs_on_cifar_files_and_names_missing_ones(tmp_path, tiny_
     write_cifar(tmp_path / "cifar", N=30)  # the official python pickles, written by the tests
     out = tmp_path / "run"
     args = ["run", "cifar-resnet", "--out", str(out), "--quiet"]
-    assert main([*args, "--data-dir", str(tmp_path / "cifar")]) == 0
+    assert main([*args, "--data-dir", str(tmp_path / "cifar"), "--per-class", "3"]) == 0
+    assert json.loads((out / "results.json").read_text())
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert len(records[-1]["nc1"]) == 4  # one per head input
+    config = json.loads((out / "config.json").read_text())
+    assert config["training"]["per_class"] == 3 and config["data"]["N"] == 30
     figures = {p.name for p in (out / "figures").iterdir()}
     assert {"v2-fig14.png", "v2-fig15.png", "v2-fig6.png"} <= figures
-    config = json.loads((out / "config.json").read_text())
-    assert "cifar10" in json.dumps(config)
+    assert config["data"]["name"] == "cifar10"
     capsys.readouterr()
     assert main([*args, "--data-dir", str(tmp_path / "empty")]) != 0
     assert "data_batch_1" in capsys.readouterr().err
+    assert main(["run", "linear-ufm", "--per-class", "3", "--out", str(tmp_path / "x")]) != 0
+    assert "--per-class" in capsys.readouterr().err
 
 
 def test_full_hessian_comparison_against_independent_computations():

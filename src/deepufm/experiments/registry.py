@@ -13,6 +13,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from deepufm.errors import ConfigError
+
 PRESETS = ("quick", "paper")
 
 
@@ -138,8 +140,19 @@ def _item_key(item_id: str) -> tuple[str, str, int]:
 
 
 def run_experiment(
-    name: str, preset: str, out: Path, progress: bool = True, data_dir: str | None = None
+    name: str,
+    preset: str,
+    out: Path,
+    progress: bool = True,
+    data_dir: str | None = None,
+    per_class: int | None = None,
 ):
     exp = EXPERIMENTS[name]
-    kwargs = dict(exp.options) | ({"data_dir": data_dir} if exp.needs_data else {})
+    kwargs = dict(exp.options)
+    if exp.needs_data:
+        kwargs |= {"data_dir": data_dir, "per_class": per_class}
+    elif per_class is not None:
+        raise ConfigError(
+            "--per-class", per_class, "only for the real-network experiments (*-resnet)"
+        )
     return exp.runner()(preset, Path(out), progress, **kwargs)

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import math
 import shutil
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -165,8 +165,12 @@ def run(
     progress: bool = True,
     experiment: str = "mnist-resnet",
     data_dir: str | None = None,
+    per_class: int | None = None,
 ) -> Report:
     pre = preset(preset_name, DATASETS[experiment])
+    if per_class is not None:
+        # images per class to train on (the paper: 5,000), validated by the training config
+        pre = replace(pre, training=pre.training.replace(per_class=per_class))
     cfg, l = pre.training, pre.layer
     data = net.load_network_data(cfg, data_dir)
     out = Path(out)
