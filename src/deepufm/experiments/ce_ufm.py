@@ -8,13 +8,12 @@ rank ``(K-1)^2``.
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 
 import numpy as np
 
 from deepufm.experiments import plotting as P
-from deepufm.experiments.report import Report, markdown_table, write_report
+from deepufm.experiments.report import Report, clear_outputs, markdown_table, write_report
 from deepufm.experiments.results import Result, compare, write_results
 from deepufm.matrices import layer_hessian
 from deepufm.models.config import UFMConfig
@@ -35,7 +34,7 @@ def run(preset_name: str, out: Path, progress: bool = True) -> Report:
     cfg, tcfg, tol = preset(preset_name)
     check_admissible(cfg)
     rd.prepare_new_run(out, overwrite=True)
-    shutil.rmtree(out / "figures", ignore_errors=True)
+    clear_outputs(out)
     rd.write_config(out, cfg, tcfg)
     result = train(TrainState(DeepUFM.init(cfg)), tcfg, out, progress=progress)
     model, k, K = result.model, ce_constants(cfg), cfg.K

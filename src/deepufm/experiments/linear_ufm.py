@@ -8,7 +8,6 @@ layer.
 
 from __future__ import annotations
 
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,7 +16,7 @@ import numpy as np
 from deepufm.experiments import plotting as P
 from deepufm.experiments.checks import layer_predictions
 from deepufm.experiments.probes import SpectralProbe
-from deepufm.experiments.report import Report, markdown_table, write_report
+from deepufm.experiments.report import Report, clear_outputs, markdown_table, write_report
 from deepufm.experiments.results import write_results
 from deepufm.models.config import UFMConfig
 from deepufm.models.ufm import DeepUFM
@@ -49,18 +48,12 @@ def preset(name: str) -> Preset:
     return Preset(model, train_cfg, 3, (0, 10, 100, 1000, 6000), 1e-6)
 
 
-def _prepare(out: Path) -> None:
-    rd.prepare_new_run(out, overwrite=True)
-    shutil.rmtree(out / "figures", ignore_errors=True)
-    for name in ("results.json", "report.md", "report.html", "spectra.npz"):
-        (out / name).unlink(missing_ok=True)
-
-
 def run(preset_name: str, out: Path, progress: bool = True) -> Report:
     pre = preset(preset_name)
     cfg, tcfg, l = pre.model, pre.training, pre.layer
     check_admissible(cfg)
-    _prepare(out)
+    rd.prepare_new_run(out, overwrite=True)
+    clear_outputs(out)
     rd.write_config(out, cfg, tcfg)
     probe = SpectralProbe(layer=l, snapshot_epochs=pre.snapshots)
     result = train(TrainState(DeepUFM.init(cfg)), tcfg, out, (*DEFAULT_PROBES, probe), progress)

@@ -20,7 +20,6 @@ solutions of Sukenik et al. 2024), not at DNC — see :func:`preset`.
 
 from __future__ import annotations
 
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -30,7 +29,7 @@ from deepufm.experiments import plotting as P
 from deepufm.experiments.checks import layer_predictions
 from deepufm.experiments.linear_ufm import EARLY
 from deepufm.experiments.probes import SpectralProbe
-from deepufm.experiments.report import Report, write_report, write_table
+from deepufm.experiments.report import Report, clear_outputs, write_report, write_table
 from deepufm.experiments.results import Result, compare, write_results
 from deepufm.matrices import data_gradient, layer_hessian
 from deepufm.metrics import eigenbasis_coefficients
@@ -70,19 +69,12 @@ def preset(name: str) -> Preset:
     return Preset(model, training, model.L - 1, snaps, 1e-5, 0.0, tol, 6000)
 
 
-def _prepare(out: Path) -> None:
-    rd.prepare_new_run(out, overwrite=True)
-    for name in ("figures", "tables"):
-        shutil.rmtree(out / name, ignore_errors=True)
-    for name in ("results.json", "report.md", "report.html", "spectra.npz"):
-        (out / name).unlink(missing_ok=True)
-
-
 def run(preset_name: str, out: Path, progress: bool = True) -> Report:
     pre = preset(preset_name)
     cfg, tcfg, l = pre.model, pre.training, pre.layer
     check_admissible(cfg)
-    _prepare(out)
+    rd.prepare_new_run(out, overwrite=True)
+    clear_outputs(out)
     rd.write_config(out, cfg, tcfg)
     probe = SpectralProbe(l, pre.snapshots, relu_tol=pre.relu_tol, zero_below=pre.zero_below)
     result = train(TrainState(DeepUFM.init(cfg)), tcfg, out, (*DEFAULT_PROBES, probe), progress)

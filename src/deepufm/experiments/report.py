@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import csv
 import html
+import shutil
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,6 +28,21 @@ def markdown_table(header: Sequence[str], rows: Sequence[Sequence[object]]) -> s
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(fmt(v) for v in row) + " |" for row in rows]
     return "\n".join(lines)
+
+
+OUTPUTS = ("figures", "tables", "results.json", "report.md", "report.html", "spectra.npz")
+
+
+def clear_outputs(out_dir: Path) -> None:
+    """Remove an earlier run's experiment outputs (not its training files), so that a rerun into
+    the same directory never shows a stale figure or table beside the new ones."""
+    out_dir = Path(out_dir)
+    for name in OUTPUTS:
+        path = out_dir / name
+        if path.is_dir():
+            shutil.rmtree(path)
+        else:
+            path.unlink(missing_ok=True)
 
 
 def write_table(

@@ -13,7 +13,6 @@ ranks — against the issue's aims (f >= 0.9, |gamma_cc - 1/K| <= 0.05, NC1 < 1e
 from __future__ import annotations
 
 import math
-import shutil
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -24,7 +23,7 @@ import torch
 from deepufm.errors import ConfigError
 from deepufm.experiments import plotting as P
 from deepufm.experiments.probes import SpectralProbe
-from deepufm.experiments.report import Report, write_report, write_table
+from deepufm.experiments.report import Report, clear_outputs, write_report, write_table
 from deepufm.experiments.results import Result, compare, write_results
 from deepufm.matrices import block_hessian, layer_hessian, module_hessian, weight_gram
 from deepufm.matrices.lanczos import lanczos_topk, rademacher
@@ -175,8 +174,7 @@ def run(
     data = net.load_network_data(cfg, data_dir)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    for name in ("figures", "tables"):
-        shutil.rmtree(out / name, ignore_errors=True)
+    clear_outputs(out)
     spectral = SpectralProbe(l, pre.snapshots)
     state = net.train(
         cfg,
