@@ -17,7 +17,13 @@ from deepufm.matrices import (
     papyan_decomposition,
     weight_gram,
 )
-from deepufm.metrics import class_means, eigvec_alignment_matrix, gradient_coefficients, nc1
+from deepufm.metrics import (
+    class_means,
+    effective_rank,
+    eigvec_alignment_matrix,
+    gradient_coefficients,
+    nc1,
+)
 from deepufm.metrics.spectral import negative_fraction
 from deepufm.models.ufm import DeepUFM
 
@@ -56,6 +62,7 @@ class SpectralProbe:
         out: dict[str, Any] = {
             "probe_layer": l,
             "hessian_top": vals[: K * K + K].tolist(),
+            "hessian_effective_rank": effective_rank(vals),
             "f": eigvec_alignment_matrix(H, M_out, M_in).tolist(),
             "gamma": gradient_coefficients(
                 data_gradient(model, l, self.relu_tol), M_out, M_in

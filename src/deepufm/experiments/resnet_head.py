@@ -82,7 +82,7 @@ def head_probe(spectral: SpectralProbe) -> net.NetworkProbe:
         out.update(
             sv_align_left=left.tolist(),
             sv_align_right=right.tolist(),
-            erank_hessian=effective_rank(layer_hessian(head, l).eigvalsh()),
+            erank_hessian=out["hessian_effective_rank"],
             erank_weight=effective_rank(torch.linalg.svdvals(W)),
         )
         return out

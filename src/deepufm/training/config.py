@@ -61,7 +61,7 @@ class TrainConfig:
 
     def lr_at(self, epoch: int) -> float:
         """Step size used by the step that starts at ``epoch``."""
-        return self.lr * 0.5 ** sum(1 for e in self.lr_halve_at if e <= epoch)
+        return halved_lr(self.lr, self.lr_halve_at, epoch)
 
     def to_dict(self) -> dict[str, Any]:
         out = asdict(self)
@@ -72,6 +72,11 @@ class TrainConfig:
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> TrainConfig:
         return cls(**data)
+
+
+def halved_lr(lr: float, halve_at: tuple[int, ...], epoch: int) -> float:
+    """``lr * 0.5**k`` with ``k`` the number of ``halve_at`` epochs ``<= epoch``."""
+    return lr * 0.5 ** sum(1 for e in halve_at if e <= epoch)
 
 
 def _is_int(v: Any) -> bool:

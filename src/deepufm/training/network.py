@@ -53,7 +53,7 @@ from deepufm.models.resnet import (
 )
 from deepufm.models.ufm import DeepUFM
 from deepufm.training import rundir as rd
-from deepufm.training.config import probe_epochs
+from deepufm.training.config import halved_lr, probe_epochs
 
 LOSSES = ("mse", "ce")
 BN_TRAIN_MODES = ("batch", "frozen")
@@ -177,7 +177,7 @@ class NetworkTrainConfig:
 
     def lr_at(self, epoch: int) -> float:
         """Step size of the epoch that starts at ``epoch``."""
-        return self.lr * 0.5 ** sum(1 for e in self.lr_halve_at if e <= epoch)
+        return halved_lr(self.lr, self.lr_halve_at, epoch)
 
     def replace(self, **changes: Any) -> NetworkTrainConfig:
         """A copy with some fields changed (validated again)."""
@@ -733,7 +733,9 @@ def _loop(
             state.epoch += 1
             state.train_loss = float(loss)
             if not math.isfinite(state.train_loss):
-                raise DivergenceError(state.epoch, lr, _kept(state.run_dir if writes else None))
+                raise DivergenceError(
+                    state.epoch, lr, rd.kept_checkpoint_message(state.run_dir if writes else None)
+                )
             bar.update(1)
             if writes and state.epoch % cfg.checkpoint_every == 0:
                 state.elapsed = time.perf_counter() - t_start
@@ -764,11 +766,3 @@ def _show(bar, record: dict[str, Any]) -> None:
     if "accuracy" in record:
         post["acc"] = f"{record['accuracy']:.3f}"
     bar.set_postfix(post, refresh=False)
-
-
-def _kept(run_dir: Path | None) -> str:
-    if run_dir is None:
-        return ""
-    ckpt = rd.load_checkpoint(run_dir)
-    where = f"epoch {ckpt['epoch']}" if ckpt else "none written yet"
-    return f"The last good checkpoint ({where}) is kept in {run_dir}."

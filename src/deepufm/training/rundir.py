@@ -151,3 +151,12 @@ def prepare_new_run(run_dir: Path, overwrite: bool) -> None:
         for name in RUN_FILES:
             (run_dir / name).unlink(missing_ok=True)
     run_dir.mkdir(parents=True, exist_ok=True)
+
+
+def kept_checkpoint_message(run_dir: Path | None) -> str:
+    """What a diverged run keeps: its last good checkpoint (empty without a run directory)."""
+    if run_dir is None:
+        return ""
+    ckpt = load_checkpoint(run_dir)
+    where = f"epoch {ckpt['epoch']}" if ckpt else "none written yet"
+    return f"The last good checkpoint ({where}) is kept in {run_dir}."

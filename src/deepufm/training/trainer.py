@@ -102,7 +102,7 @@ def train(
                 bar.update(nxt - epoch)
                 epoch = nxt
                 if not _finite(model):
-                    raise DivergenceError(epoch, lr, _kept(run_dir))
+                    raise DivergenceError(epoch, lr, rd.kept_checkpoint_message(run_dir))
                 if run_dir is not None and time.perf_counter() - last_ckpt >= cfg.checkpoint_every:
                     _checkpoint(run_dir, model, epoch, step, time.perf_counter() - t_start)
                     last_ckpt = time.perf_counter()
@@ -136,14 +136,6 @@ def _show(bar, record: dict[str, Any], config: UFMConfig) -> None:
     if "nc1" in record:
         post["NC1(H_L)"] = f"{record['nc1'][config.L - 1]:.2e}"
     bar.set_postfix(post, refresh=False)
-
-
-def _kept(run_dir: Path | None) -> str:
-    if run_dir is None:
-        return ""
-    ckpt = rd.load_checkpoint(run_dir)
-    where = f"epoch {ckpt['epoch']}" if ckpt else "none written yet"
-    return f"The last good checkpoint ({where}) is kept in {run_dir}."
 
 
 def _checkpoint(run_dir: Path, model: DeepUFM, epoch: int, step: FusedStep, elapsed: float) -> None:
