@@ -105,11 +105,19 @@ def test_gradient_covariance_matches_autograd(i, l):
     torch.testing.assert_close(vals, ref_vals[:k], rtol=0, atol=1e-10 * top)
     torch.testing.assert_close(ref @ vecs, vecs * vals, rtol=0, atol=1e-9 * top)
     torch.testing.assert_close(vecs.T @ vecs, torch.eye(k), rtol=0, atol=1e-9)
-    all_vals, all_vecs = cov.eigh()  # N pairs (Gram branch) or p (dense branch)
-    m = all_vals.numel()
-    assert m == min(cov.N, cov.size)
-    torch.testing.assert_close(all_vecs.T @ all_vecs, torch.eye(m), rtol=0, atol=1e-9)
+    all_vals, all_vecs = cov.eigh()  # all p pairs, the Gram's null space completed
+    assert all_vals.shape == (cov.size,)
+    torch.testing.assert_close(all_vals, ref_vals, rtol=0, atol=1e-10 * top)
+    torch.testing.assert_close(all_vecs.T @ all_vecs, torch.eye(cov.size), rtol=0, atol=1e-9)
     torch.testing.assert_close(ref @ all_vecs, all_vecs * all_vals, rtol=0, atol=1e-9 * top)
+    # k beyond N (rank <= N - 1): every pair, exact zeros with an orthonormal null basis
+    k = min(cov.N + 3, cov.size)
+    result = cov.topk(k)
+    vals, vecs = result
+    assert result.certified and vals.shape == (k,) and vecs.shape == (cov.size, k)
+    torch.testing.assert_close(vals, ref_vals[:k], rtol=0, atol=1e-10 * top)
+    torch.testing.assert_close(ref @ vecs, vecs * vals, rtol=0, atol=1e-9 * top)
+    torch.testing.assert_close(vecs.T @ vecs, torch.eye(k), rtol=0, atol=1e-9)
 
 
 def dense_backprop_error_matrix(model: DeepUFM, l: int, loss: str) -> torch.Tensor:

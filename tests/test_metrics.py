@@ -109,9 +109,15 @@ def test_outlier_count_gap_rule(values, expected):
 
 
 def test_outlier_count_threshold_rule_and_parameters():
-    vals = t(10.0, 10.0, 10.0, 1.0, 0.9, 1e-12)
-    assert outlier_count(vals, rule="threshold") == 5
+    # the default floor is the rank rule, size * eps(dtype) of lambda_max: 6 * 2.2e-16 in float64
+    vals = t(10.0, 10.0, 10.0, 1.0, 0.9, 1e-12, 1e-15)
+    assert outlier_count(vals, rule="threshold") == 6
+    assert outlier_count(vals, rule="threshold", size=10**4) == 5  # 10^4 eps = 2.2e-12
+    assert outlier_count(vals.float(), rule="threshold") == 5  # 7 * 1.2e-7 in float32
     assert outlier_count(vals, rule="threshold", floor=1e-14) == 6
+    assert outlier_count(vals, rule="threshold", floor=1e-11) == 5
+    with pytest.raises(ValueError, match="rank_rtol"):
+        outlier_count(vals, floor=float("nan"))
     assert outlier_count(t(5.0, 4.0, 3.0, 2.0, 1.1), min_gap=1.5) == 4
     with pytest.raises(ValueError):
         outlier_count(vals, rule="largest")

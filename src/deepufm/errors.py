@@ -55,3 +55,15 @@ class ConvergenceError(DeepUFMError, RuntimeError):
         if detail:
             msg += " " + detail
         super().__init__(msg)
+
+
+class UncertifiedError(DeepUFMError, RuntimeError):
+    """A top-k whose certificate failed (``strict=True``): a residual, the orthogonality or the
+    check for a missed eigenvalue above ``theta_k`` (``deepufm.matrices.spectra``)."""
+
+    def __init__(self, method: str, k: int, reason: str) -> None:
+        self.method, self.k, self.reason = method, k, reason
+        super().__init__(
+            f"the top {k} eigenpairs from {method} could not be certified: {reason}. Tighten "
+            "tol, raise block or max_basis, or use the dense route for small matrices."
+        )

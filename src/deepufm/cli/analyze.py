@@ -39,8 +39,9 @@ def register(sub) -> None:
     p.add_argument(
         "--rank-rtol",
         type=float,
-        default=1e-8,
-        help="ranks count eigenvalues above this times the largest",
+        default=None,
+        help="ranks count eigenvalues above this times the largest (default: p * eps of the "
+        "run's dtype, the rank rule of deepufm.matrices.spectra)",
     )
     p.add_argument(
         "--relu-tol",
@@ -63,7 +64,7 @@ def analyze(
     run_dir: Path,
     layers=None,
     full=False,
-    rank_rtol=1e-8,
+    rank_rtol=None,
     relu_tol=0.0,
     zero_below=0.0,
     device="cpu",

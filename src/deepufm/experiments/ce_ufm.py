@@ -11,11 +11,13 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from deepufm.experiments import plotting as P
+from deepufm.experiments.checks import TRAINED_RANK_RTOL
 from deepufm.experiments.report import Report, clear_outputs, markdown_table, write_report
 from deepufm.experiments.results import Result, compare, write_results
-from deepufm.matrices import layer_hessian
+from deepufm.matrices import layer_hessian, numerical_rank
 from deepufm.models.config import UFMConfig
 from deepufm.models.ufm import DeepUFM
 from deepufm.theory import ce_constants, check_admissible
@@ -59,7 +61,7 @@ def run(preset_name: str, out: Path, progress: bool = True) -> Report:
                 )
             )
             start += m
-        rank = int((vals > 1e-8 * vals[0]).sum())
+        rank = numerical_rank(torch.from_numpy(vals), rtol=TRAINED_RANK_RTOL)
         results.append(compare("Hessian rank", "v2 Thm 9", l, (K - 1) ** 2, rank, 0))
     write_results(out / "results.json", results)
     fig, axes = P.new_figure(ncols=cfg.L)

@@ -12,6 +12,11 @@ from deepufm.metrics.layer_report import layer_report
 from deepufm.models.ufm import DeepUFM
 from deepufm.theory.constants import DNCConstants
 
+# Ranks of *trained* states count eigenvalues above this times the largest: gradient descent
+# leaves the null directions at ~1e-10 relative after the presets' epochs, above the dtype rule
+# (p eps ~ 1e-12) that exact points use; 1e-8 is stated in every report beside the ranks.
+TRAINED_RANK_RTOL = 1e-8
+
 
 def layer_predictions(
     model: DeepUFM,
@@ -29,7 +34,7 @@ def layer_predictions(
     K, out = model.config.K, []
     notes = notes or {}
     for l in layers or range(1, model.config.L + 1):
-        r = layer_report(model, l, relu_tol=relu_tol)
+        r = layer_report(model, l, rank_rtol=TRAINED_RANK_RTOL, relu_tol=relu_tol)
         layer_out: list[Result] = []
         Lam = k.hessian_eigenvalue[l - 1]
         top = np.asarray(r.hessian_eigenvalues[: K * K])

@@ -22,6 +22,7 @@ import torch
 
 from deepufm.errors import ConfigError
 from deepufm.experiments import plotting as P
+from deepufm.experiments.checks import TRAINED_RANK_RTOL
 from deepufm.experiments.probes import SpectralProbe
 from deepufm.experiments.report import Report, clear_outputs, write_report, write_table
 from deepufm.experiments.results import Result, compare, write_results
@@ -263,13 +264,20 @@ def _compare(last: dict, head: DeepUFM, l: int) -> list[Result]:
             "max off-diagonal gamma_cc'", th, l, 0.0, (gamma - np.diag(np.diag(gamma))).max(), 0.05
         ),
         compare("NC1 of the head input H_l", "DNC1 (§4.1)", l, 0.0, last["nc1"][l - 1], 1e-2),
-        compare("Hessian outliers (log-gap rule)", th, l, K * K, outlier_count(vals), 0),
+        compare(
+            "Hessian outliers (log-gap rule)",
+            th,
+            l,
+            K * K,
+            outlier_count(vals, floor=TRAINED_RANK_RTOL),
+            0,
+        ),
         compare(
             "outliers left by the G_cross knockout",
             "v2 Thm 2",
             l,
             K,
-            outlier_count(knock["cross"]),
+            outlier_count(knock["cross"], floor=TRAINED_RANK_RTOL),
             0,
         ),
         compare(
@@ -277,10 +285,17 @@ def _compare(last: dict, head: DeepUFM, l: int) -> list[Result]:
             "v2 Thm 2",
             l,
             K * (K - 1),
-            outlier_count(knock["class"]),
+            outlier_count(knock["class"], floor=TRAINED_RANK_RTOL),
             0,
         ),
-        compare("weight outliers (log-gap rule)", "v2 Thm 4", l, K, outlier_count(w_vals), 0),
+        compare(
+            "weight outliers (log-gap rule)",
+            "v2 Thm 4",
+            l,
+            K,
+            outlier_count(w_vals, floor=TRAINED_RANK_RTOL),
+            0,
+        ),
         compare("effective rank of H_l", "v2 eq. 25", l, K * K, last["erank_hessian"], 0.2),
         compare("effective rank of W_l", "v2 eq. 25", l, K, last["erank_weight"], 0.2),
         compare(

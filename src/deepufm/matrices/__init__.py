@@ -1,7 +1,12 @@
 """The deep-learning matrices of the paper (THEORY §5), exact and structured where possible.
 
-Every matrix is a :class:`SymmetricMatrix` (``matmat``, ``dense``, ``eigvalsh``, ``topk``,
-``as_linear_operator``); parameter-space vectors are ``vec``-ed row-major (``deepufm.vec``).
+Every matrix is a :class:`SymmetricMatrix` (``matmat``, ``dense``, ``eigvalsh``, certified
+``topk``, ``as_linear_operator``); parameter-space vectors are ``vec``-ed row-major
+(``deepufm.vec``). One module a job: ``operator`` (the interface and the one addition rule),
+``spectra`` (the certified top-k engine, the rank rule and the one dense/iterative switch),
+``structured`` (Kronecker, row-Gram and Jacobian-Gram matrices), ``hessian`` (the layer Hessian),
+``papyan``, ``block``, ``gradients``, ``features``, ``module_hessian``, ``distributed``,
+``lanczos`` (spectral densities).
 """
 
 from deepufm.matrices.block import (
@@ -34,25 +39,29 @@ from deepufm.matrices.hessian import (
     loss_weighted_factors,
 )
 from deepufm.matrices.jacobian import LayerJacobian, layer_jacobian, relu_derivative
-from deepufm.matrices.lanczos import (
-    SpectralDensity,
-    lanczos_quadrature,
-    lanczos_topk,
-    spectral_density,
-)
+from deepufm.matrices.lanczos import SpectralDensity, lanczos_quadrature, spectral_density
 from deepufm.matrices.module_hessian import ModuleHessian, module_hessian
-from deepufm.matrices.operator import DenseSymmetric, LinearCombination, SymmetricMatrix
+from deepufm.matrices.operator import DenseSymmetric, LinearCombination, SymmetricMatrix, combine
 from deepufm.matrices.papyan import (
     PapyanDecomposition,
     jacobian_rows,
     knockout_spectra,
     papyan_decomposition,
 )
+from deepufm.matrices.spectra import (
+    Certificate,
+    TopK,
+    lanczos_topk,
+    numerical_rank,
+    rank_rtol,
+    zero_threshold,
+)
 
 __all__ = [
     "BlockHessian",
     "BlockJacobianGram",
     "BlockResidual",
+    "Certificate",
     "DenseSymmetric",
     "FunctionHessian",
     "GradientCovariance",
@@ -67,10 +76,12 @@ __all__ = [
     "RowSpaceGram",
     "SpectralDensity",
     "SymmetricMatrix",
+    "TopK",
     "ZeroMatrix",
     "backprop_error_matrix",
     "backprop_errors",
     "block_hessian",
+    "combine",
     "data_gradient",
     "feature_gram",
     "gauss_newton",
@@ -84,12 +95,15 @@ __all__ = [
     "layer_jacobian",
     "loss_weighted_factors",
     "module_hessian",
+    "numerical_rank",
     "output_errors",
     "papyan_decomposition",
     "per_sample_gradients",
+    "rank_rtol",
     "relu_derivative",
     "spectral_density",
     "weight_gram",
     "weight_singular_values",
     "weight_svd",
+    "zero_threshold",
 ]

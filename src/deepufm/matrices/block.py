@@ -33,9 +33,10 @@ from torch.func import grad, jvp, vmap
 
 from deepufm.errors import ConfigError
 from deepufm.matrices.gradients import output_errors
-from deepufm.matrices.hessian import JacobianGram, RowSpaceGram, loss_weighted_factors
+from deepufm.matrices.hessian import loss_weighted_factors
 from deepufm.matrices.jacobian import layer_jacobian, relu_derivative
 from deepufm.matrices.operator import LinearCombination, SymmetricMatrix
+from deepufm.matrices.structured import JacobianGram, RowSpaceGram
 from deepufm.models import functional as Fn
 from deepufm.models.ufm import DeepUFM
 
@@ -46,6 +47,8 @@ _CHUNK = 256
 class FunctionHessian(SymmetricMatrix):
     """Hessian of a scalar function ``f(w)`` at ``w`` through batched forward-over-reverse HVPs
     (``torch.func``; no matrix formed). A generic reference for the structured forms."""
+
+    matrix_free = True
 
     def __init__(self, f: Callable[[Tensor], Tensor], w: Tensor) -> None:
         super().__init__(w.numel(), w.dtype, w.device)
@@ -109,6 +112,8 @@ class BlockResidual(SymmetricMatrix):
     Built from the forward features ``H_1..H_L``, the masks ``D^(2..L)`` (``None`` when linear) and
     the back-propagated errors ``δ^(2..L+1)`` (``d_{k} x N``, already divided by ``N``).
     """
+
+    matrix_free = True
 
     def __init__(
         self,

@@ -8,7 +8,7 @@ it over the ranks with a single ``all_reduce``.
 
 Every rank must call :meth:`DistributedHessian.matmat` the same number of times with the same
 ``V`` (a collective): run the same eigensolver with the same start vector on every rank —
-:func:`deepufm.matrices.lanczos.lanczos_topk` with one ``seed`` does, because the reduced products,
+``topk`` (certified block Lanczos with seeded start blocks) does, because the reduced products,
 and so every Lanczos iterate, are identical on all ranks.
 """
 
@@ -30,6 +30,8 @@ class DistributedHessian(SymmetricMatrix):
         local: this rank's :class:`ModuleHessian` (its data = this rank's shard).
         group: the process group (default: the whole world).
     """
+
+    matrix_free = True
 
     def __init__(self, local: ModuleHessian, group: dist.ProcessGroup | None = None) -> None:
         if not (dist.is_available() and dist.is_initialized()):

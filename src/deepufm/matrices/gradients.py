@@ -17,6 +17,7 @@ from torch import Tensor
 
 from deepufm.matrices.jacobian import LayerJacobian, layer_jacobian
 from deepufm.matrices.operator import DenseSymmetric, SymmetricMatrix
+from deepufm.matrices.spectra import dense_eigh, gram_lift, with_null_space
 from deepufm.models import functional as Fn
 from deepufm.models.ufm import DeepUFM
 
@@ -71,7 +72,7 @@ class GradientCovariance(SymmetricMatrix):
 
     Held as the factors ``B`` ``(N, d_out)`` and ``H`` ``(d_in, N)``; the ``p x p`` matrix is formed
     only by :meth:`dense`. ``matmat`` uses ``g_ic^T vec(X) = b_ic^T X h_ic``. The spectrum (rank
-    ``<= N - 1``) comes from the ``N x N`` Gram of the centred gradients,
+    ``<= N - 1``) and the top-k come from the ``N x N`` Gram of the centred gradients,
     ``1/N C [(B B^T) ∘ (H^T H)] C`` with ``C = I - 11^T/N``, whenever ``N < p``.
     """
 
@@ -116,42 +117,35 @@ class GradientCovariance(SymmetricMatrix):
         G = G - G.mean(dim=1, keepdim=True)
         return 0.5 * (G + G.T) / self.N
 
-    def _gram_spectrum(self) -> tuple[Tensor, Tensor, int]:
-        """Gram eigenpairs, descending, with round-off-level eigenvalues set to 0; and the
-        numerical rank ``r`` (eigenvalues above ``10 N eps`` times the largest)."""
-        vals, small = torch.linalg.eigh(self.gram())
-        vals, small = vals.flip(0), small.flip(1)
-        cutoff = 10 * self.N * torch.finfo(vals.dtype).eps * vals[0].clamp_min(0)
-        rank = int((vals > cutoff).sum())
-        return torch.where(vals > cutoff, vals, torch.zeros_like(vals)), small, rank
+    @property
+    def exact_size(self) -> int:
+        return min(self.N, self.size)
+
+    def _gram_pairs(self) -> tuple[Tensor, Tensor]:
+        """The Gram's reliably non-zero eigenpairs lifted to ``(g_ic - g_bar)``-combinations
+        (:func:`~deepufm.matrices.spectra.gram_lift`): ``(r,)``, ``(p, r)``."""
+        vals, small = dense_eigh(self.gram())
+        return gram_lift(vals, self._combine(small), self.size)
+
+    def exact_topk(self, k: int) -> tuple[Tensor, Tensor, float, str]:
+        """Dense when ``N >= p``; else from the ``N x N`` Gram, the other eigenvalues exactly 0
+        (an orthonormal basis of the null space completes the vectors)."""
+        if self.N >= self.size:
+            return super().exact_topk(k)
+        return (*with_null_space(*self._gram_pairs(), self.size, k), "gram")
 
     def eigh(self) -> tuple[Tensor, Tensor]:
-        """Eigenpairs, descending; via the ``N x N`` Gram when ``N < p`` (then only ``N``
-        eigenpairs are returned: the other ``p - N`` eigenvalues are 0).
-
-        The ``r`` non-zero eigenvectors are ``(g_ic - g_bar)``-combinations of the Gram's; the
-        remaining ``N - r`` are completed by a Householder QR to an orthonormal set orthogonal to
-        them (hence exact null vectors), since the Gram's null vectors map to round-off.
-        """
+        """All ``p`` eigenpairs, descending (via the ``N x N`` Gram when ``N < p``)."""
         if self.N >= self.size:
             return super().eigh()
-        vals, small, rank = self._gram_spectrum()
-        vecs = self._combine(small)
-        good = vecs[:, :rank] / torch.linalg.norm(vecs[:, :rank], dim=0)
-        completed = torch.linalg.qr(torch.cat([good, vecs[:, rank:]], dim=1))[0]
-        return vals, torch.cat([good, completed[:, rank:]], dim=1)
+        vals, vecs, _ = with_null_space(*self._gram_pairs(), self.size, self.size)
+        return vals, vecs
 
     def eigvalsh(self) -> Tensor:
         if self.N >= self.size:
             return super().eigvalsh()
-        vals = self._gram_spectrum()[0]
+        vals = torch.linalg.eigvalsh(self.gram()).flip(0)
         return torch.cat([vals, vals.new_zeros(self.size - self.N)])
-
-    def topk(self, k: int, tol: float = 0.0) -> tuple[Tensor, Tensor]:
-        if self.N >= self.size or k > self.N:
-            return super().topk(k, tol)
-        vals, vecs = self.eigh()
-        return vals[:k], vecs[:, :k]
 
     def trace(self) -> Tensor:
         return torch.trace(self.gram())

@@ -71,6 +71,8 @@ class ModuleHessian(SymmetricMatrix):
             probe product on the first batch succeeds); the mode used is ``self.hvp``.
     """
 
+    matrix_free = True
+
     def __init__(
         self,
         model: nn.Module,

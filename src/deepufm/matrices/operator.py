@@ -1,10 +1,16 @@
 """`SymmetricMatrix`: the one interface every curvature matrix of deepufm exposes.
 
 A subclass implements :meth:`matmat` (and, where structure allows, faster :meth:`dense`,
-:meth:`eigvalsh` or :meth:`topk`). Everything else — a matvec, a dense matrix on request, the full
-spectrum, top-k eigenpairs, a ``scipy.sparse.linalg.LinearOperator`` for ``eigsh``/``lobpcg``/``cg``,
-sums and differences (knockouts) — comes from this base. Vectors are ``vec``-ed row-major
+:meth:`eigvalsh` or an exact small eigenproblem for :meth:`topk`). Everything else — a matvec, a
+dense matrix on request, the full spectrum, certified top-k eigenpairs (``deepufm.matrices.
+spectra``), a ``scipy.sparse.linalg.LinearOperator`` for ``eigsh``/``lobpcg``/``cg``, sums and
+differences (knockouts) — comes from this base. Vectors are ``vec``-ed row-major
 (``deepufm.vec``).
+
+One addition rule: ``A + B``, ``A - B`` and ``c * A`` are :func:`combine` of the terms, which
+asks every term's class, most structured first, for an exact form of the sum (a Kronecker sum
+in a shared factor basis, a low-rank row Gram) and otherwise builds a
+:class:`LinearCombination`. So ``G + E`` and ``E + G`` are the same kind of matrix.
 """
 
 from __future__ import annotations
@@ -16,12 +22,22 @@ import torch
 from scipy.sparse.linalg import LinearOperator
 from torch import Tensor
 
-# Below this size a dense eigendecomposition is cheaper and exact; above, Lanczos.
-DENSE_LIMIT = 4096
+from deepufm.matrices import spectra
+from deepufm.matrices.spectra import TopK
+
+Terms = list[tuple[float, "SymmetricMatrix"]]
 
 
 class SymmetricMatrix(ABC):
-    """A real symmetric ``(p, p)`` matrix given through products."""
+    """A real symmetric ``(p, p)`` matrix given through products.
+
+    Class attributes a subclass may override:
+        matrix_free: ``dense()`` costs ``p`` products (no cheaper exact route exists).
+        sum_priority: the order in which :func:`combine` asks classes for a structured sum.
+    """
+
+    matrix_free = False
+    sum_priority = 0
 
     def __init__(self, size: int, dtype: torch.dtype, device: torch.device | str) -> None:
         self.size, self.dtype, self.device = int(size), dtype, torch.device(device)
@@ -53,24 +69,31 @@ class SymmetricMatrix(ABC):
 
     def eigh(self) -> tuple[Tensor, Tensor]:
         """All eigenpairs, eigenvalues descending; eigenvectors are the columns."""
-        vals, vecs = torch.linalg.eigh(self.dense())
-        return vals.flip(0), vecs.flip(1)
+        return spectra.dense_eigh(self.dense())
 
-    def topk(self, k: int, tol: float = 0.0) -> tuple[Tensor, Tensor]:
-        """The ``k`` algebraically largest eigenpairs, descending: ``(k,)``, ``(p, k)``.
+    # -- top-k ---------------------------------------------------------------------------------
+    @property
+    def exact_size(self) -> int:
+        """Rows of the smallest exact eigenproblem behind :meth:`exact_topk` (here: dense)."""
+        return self.size
 
-        Dense ``eigh`` for small matrices, block Lanczos on :meth:`matmat` otherwise
-        (``lanczos.lanczos_topk``; ``tol`` is its relative residual tolerance, 0 = working
-        accuracy).
+    def exact_topk(self, k: int) -> tuple[Tensor, Tensor, float, str]:
+        """Top-``k`` by an exact decomposition: values ``(k,)``, orthonormal vectors ``(p, k)``,
+        the next eigenvalue (``-inf`` when ``k = p``) and the route's name."""
+        vals, vecs, nxt = spectra.dense_topk(self.dense(), k)
+        return vals, vecs, nxt, "dense"
+
+    def topk(self, k: int, tol: float = 0.0, *, strict: bool = False) -> TopK:
+        """The ``k`` algebraically largest eigenpairs, every copy of a repeated eigenvalue
+        included: a :class:`~deepufm.matrices.spectra.TopK` that unpacks as
+        ``(values (k,) descending, vectors (p, k) orthonormal)`` and carries its certificate.
+
+        The exact route of the matrix's structure while its exact eigenproblem is small
+        (:func:`~deepufm.matrices.spectra.use_exact`), else certified block Lanczos on
+        :meth:`matmat`. ``tol``: relative residual tolerance (0 = working accuracy);
+        ``strict``: raise instead of returning an uncertified result.
         """
-        if not 1 <= k <= self.size:
-            raise ValueError(f"k={k} must be in [1, {self.size}]")
-        if self.size <= DENSE_LIMIT or 4 * k >= self.size:
-            vals, vecs = self.eigh()
-            return vals[:k], vecs[:, :k]
-        from deepufm.matrices.lanczos import lanczos_topk  # lanczos builds on this module
-
-        return lanczos_topk(self, k, tol)
+        return spectra.topk(self, k, tol, strict=strict)
 
     def as_linear_operator(self) -> LinearOperator:
         """A float64 ``scipy.sparse.linalg.LinearOperator`` (symmetric)."""
@@ -91,25 +114,46 @@ class SymmetricMatrix(ABC):
     def trace(self) -> Tensor:
         return torch.trace(self.dense())
 
+    # -- sums ----------------------------------------------------------------------------------
+    @classmethod
+    def structured_sum(cls, terms: Terms) -> SymmetricMatrix | None:
+        """An exact structured form of ``sum a_i M_i`` if this class knows one for these terms."""
+        return None
+
     def __add__(self, other: SymmetricMatrix) -> SymmetricMatrix:
-        return LinearCombination([(1.0, self), (1.0, other)])
+        return combine([(1.0, self), (1.0, other)])
 
     def __sub__(self, other: SymmetricMatrix) -> SymmetricMatrix:
-        return LinearCombination([(1.0, self), (-1.0, other)])
+        return combine([(1.0, self), (-1.0, other)])
 
     def __rmul__(self, scalar: float) -> SymmetricMatrix:
-        return LinearCombination([(float(scalar), self)])
+        return combine([(float(scalar), self)])
+
+
+def combine(terms: Terms) -> SymmetricMatrix:
+    """``sum_i a_i M_i``: the structured form that the terms' classes offer, most structured
+    class first (``sum_priority``), else a :class:`LinearCombination`."""
+    if any(M.size != terms[0][1].size for _, M in terms):
+        raise ValueError("all terms must have the same size")
+    classes = sorted({type(M) for _, M in terms}, key=lambda c: (-c.sum_priority, c.__name__))
+    for cls in classes:
+        out = cls.structured_sum(terms)
+        if out is not None:
+            return out
+    return LinearCombination(terms)
 
 
 class LinearCombination(SymmetricMatrix):
-    """``sum_i a_i M_i`` of symmetric matrices of one size (e.g. a knockout ``H - G_class``)."""
+    """``sum_i a_i M_i`` of symmetric matrices of one size, without a shared structure (e.g.
+    ``G_blk + E_blk``)."""
 
-    def __init__(self, terms: list[tuple[float, SymmetricMatrix]]) -> None:
+    def __init__(self, terms: Terms) -> None:
         first = terms[0][1]
         if any(M.size != first.size for _, M in terms):
             raise ValueError("all terms must have the same size")
         super().__init__(first.size, first.dtype, first.device)
         self.terms = terms
+        self.matrix_free = any(M.matrix_free for _, M in terms)
 
     def matmat(self, V: Tensor) -> Tensor:
         out = torch.zeros_like(V)

@@ -40,15 +40,10 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from deepufm.matrices.hessian import (
-    JacobianGram,
-    KroneckerGram,
-    RowGram,
-    check_layer,
-    loss_weighted_factors,
-)
+from deepufm.matrices.hessian import check_layer, loss_weighted_factors
 from deepufm.matrices.jacobian import layer_jacobian
 from deepufm.matrices.operator import SymmetricMatrix
+from deepufm.matrices.structured import JacobianGram, KroneckerGram, RowGram
 from deepufm.models.ufm import DeepUFM
 
 FORMS = {"mse": "mse (unit weights, THEORY M3)", "ce": "ce-loss-hessian-weighted (Papyan 2020)"}

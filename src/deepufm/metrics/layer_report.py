@@ -15,6 +15,7 @@ from deepufm.matrices import (
     papyan_decomposition,
     weight_singular_values,
 )
+from deepufm.matrices.spectra import check_rank_rtol, numerical_rank
 from deepufm.metrics.collapse import class_means, nc1, orthogonal_frame_distance
 from deepufm.metrics.spectral import (
     effective_rank,
@@ -52,29 +53,39 @@ class LayerReport:
         return asdict(self)
 
 
-def _rank(vals: torch.Tensor, reference: float, rtol: float) -> int:
-    return int((vals > rtol * reference).sum())
-
-
 def layer_report(
-    model: DeepUFM, layer: int, full: bool = False, rank_rtol: float = 1e-8, relu_tol: float = 0.0
+    model: DeepUFM,
+    layer: int,
+    full: bool = False,
+    rank_rtol: float | None = None,
+    relu_tol: float = 0.0,
 ) -> LayerReport:
     """All quantities of one layer (THEORY §5, §9); Papyan terms are the MSE form (M3), the
-    loss-Hessian-weighted form for CE."""
+    loss-Hessian-weighted form for CE.
+
+    Ranks count eigenvalues above ``rank_rtol * lambda_max(H_l)``; by default ``rank_rtol`` is
+    the rank rule of ``deepufm.matrices.spectra`` (``p * eps`` of the model's dtype), so a float32
+    and a float64 model at the same point report the same ranks. The top-``K^2`` eigenvectors
+    (projection proportion) come from the certified ``topk``: an uncertified result raises
+    :class:`~deepufm.errors.UncertifiedError` rather than a wrong number.
+    """
+    if rank_rtol is not None:
+        rank_rtol = check_rank_rtol(rank_rtol)
     cfg = model.config
     K = cfg.K
     Hs = model.features()
     M_in, M_out = class_means(Hs[layer - 1], K), class_means(Hs[layer], K)
     H = layer_hessian(model, layer, relu_tol)
-    vals, vecs = H.eigh() if H.size <= 4096 else (H.eigvalsh(), None)
-    top = float(vals[0]) if float(vals[0]) > 0 else 1.0
+    vals = H.eigvalsh()
+    top = max(float(vals[0]), 0.0)
     k2 = min(K * K, H.size)
-    if vecs is None:
-        _, vecs = H.topk(k2)
+    _, vecs = H.topk(k2, strict=True)
+
+    def rank(values: torch.Tensor) -> int:
+        return numerical_rank(values, H.size, rank_rtol, scale=top)
+
     dec = papyan_decomposition(model, layer, relu_tol)
-    ranks = {
-        name: _rank(part.eigvalsh(), top, rank_rtol) for name, part in dec.components().items()
-    }
+    ranks = {name: rank(part.eigvalsh()) for name, part in dec.components().items()}
     knockouts = {name: M.eigvalsh()[:k2].tolist() for name, M in dec.knockouts().items()}
     g = data_gradient(model, layer, relu_tol)
     sv = weight_singular_values(model, layer)
@@ -83,12 +94,12 @@ def layer_report(
     return LayerReport(
         layer=layer,
         hessian_eigenvalues=(vals if full else vals[: K * K + K]).tolist(),
-        hessian_rank=_rank(vals, top, rank_rtol),
+        hessian_rank=rank(vals),
         papyan_ranks=ranks,
         knockout_eigenvalues=knockouts,
         gradient_coefficients=gradient_coefficients(g, M_out, M_in).tolist(),
         eigvec_alignment=eigvec_alignment_matrix(H, M_out, M_in).tolist(),
-        projection_proportion=projection_proportion(g, vecs[:, :k2]),
+        projection_proportion=projection_proportion(g, vecs),
         weight_singular_values=sv.tolist(),
         grad_cov_eigenvalues=gradient_covariance(model, layer, relu_tol).eigvalsh()[:K].tolist(),
         backprop_eigenvalues=backprop_error_matrix(model, layer, relu_tol).eigvalsh()[:K].tolist(),

@@ -13,8 +13,10 @@ import math
 import torch
 from torch import Tensor
 
-from deepufm.matrices.hessian import KroneckerGram
+from deepufm.errors import ConfigError
 from deepufm.matrices.operator import SymmetricMatrix
+from deepufm.matrices.spectra import zero_threshold
+from deepufm.matrices.structured import KroneckerGram
 
 Matrix = Tensor | SymmetricMatrix
 
@@ -118,26 +120,34 @@ OUTLIER_RULES = ("log_gap", "threshold")
 
 
 def outlier_count(
-    eigenvalues: Tensor, rule: str = "log_gap", floor: float = 1e-8, min_gap: float = 2.0
+    eigenvalues: Tensor,
+    rule: str = "log_gap",
+    floor: float | None = None,
+    min_gap: float = 2.0,
+    size: int | None = None,
 ) -> int:
     """Number of outlier eigenvalues, by an explicit rule (THEORY §9).
 
-    Only eigenvalues ``> floor * lambda_max`` are *kept* (``lambda_max > 0``; else the count is 0);
-    the rest are treated as numerical zeros (THEORY §12: ranks use a relative threshold ~1e-8).
+    Only eigenvalues above the numerical-zero threshold are *kept* (``lambda_max > 0``; else the
+    count is 0): the rank rule of ``deepufm.matrices.spectra`` (``size * eps(dtype)`` relative to
+    ``lambda_max``, ``size`` the operator's dimension, default the number of values given), or
+    ``floor * lambda_max`` when ``floor`` is given.
 
     * ``"threshold"``: the number of kept eigenvalues (the numerical rank of a PSD matrix).
     * ``"log_gap"`` (default): sort the kept values descending and cut at the largest ratio
       ``lambda_i / lambda_{i+1}`` between consecutive kept values; the count is the position of
-      that cut (ties: the first, i.e. the fewest outliers). If no ratio reaches ``min_gap`` there is no separated group inside the kept values
-      and the count is the number kept (an exactly low-rank spectrum with equal outliers, such as
-      the DNC Hessian's ``K^2`` values over zeros). Scale-free.
+      that cut (ties: the first, i.e. the fewest outliers). If no ratio reaches ``min_gap`` there
+      is no separated group inside the kept values and the count is the number kept (an exactly
+      low-rank spectrum with equal outliers, such as the DNC Hessian's ``K^2`` values over zeros).
+      Scale-free.
     """
     if rule not in OUTLIER_RULES:
-        raise ValueError(f"rule={rule!r} must be one of {OUTLIER_RULES}")
-    vals = torch.sort(eigenvalues.to(torch.float64).reshape(-1), descending=True).values
+        raise ConfigError("rule", rule, f"one of {OUTLIER_RULES}")
+    vals = torch.sort(eigenvalues.reshape(-1), descending=True).values
     if vals.numel() == 0 or float(vals[0]) <= 0:
         return 0
-    kept = vals[vals > floor * vals[0]]
+    threshold = zero_threshold(vals, size, floor, scale=float(vals[0]))
+    kept = vals[vals > threshold].to(torch.float64)
     if rule == "threshold" or kept.numel() == 1:
         return int(kept.numel())
     ratios = kept[:-1] / kept[1:]
