@@ -17,7 +17,7 @@ from torch import Tensor
 
 from deepufm.matrices.jacobian import LayerJacobian, layer_jacobian
 from deepufm.matrices.operator import DenseSymmetric, SymmetricMatrix
-from deepufm.matrices.spectra import dense_eigh, gram_lift, with_null_space
+from deepufm.matrices.spectra import dense_eigh, dense_topk, gram_lift, with_null_space
 from deepufm.models import functional as Fn
 from deepufm.models.ufm import DeepUFM
 
@@ -121,10 +121,14 @@ class GradientCovariance(SymmetricMatrix):
     def exact_size(self) -> int:
         return min(self.N, self.size)
 
-    def _gram_pairs(self) -> tuple[Tensor, Tensor]:
-        """The Gram's reliably non-zero eigenpairs lifted to ``(g_ic - g_bar)``-combinations
-        (:func:`~deepufm.matrices.spectra.gram_lift`): ``(r,)``, ``(p, r)``."""
-        vals, small = dense_eigh(self.gram())
+    def _gram_pairs(self, k: int | None = None) -> tuple[Tensor, Tensor]:
+        """The Gram's reliably non-zero eigenpairs (all, or among the top ``k + 1``) lifted to
+        ``(g_ic - g_bar)``-combinations (:func:`~deepufm.matrices.spectra.gram_lift`):
+        ``(r,)``, ``(p, r)``."""
+        if k is None or k + 1 >= self.N:
+            vals, small = dense_eigh(self.gram())
+        else:
+            vals, small, _ = dense_topk(self.gram(), k + 1)
         return gram_lift(vals, self._combine(small), self.size)
 
     def exact_topk(self, k: int) -> tuple[Tensor, Tensor, float, str]:
@@ -132,7 +136,7 @@ class GradientCovariance(SymmetricMatrix):
         (an orthonormal basis of the null space completes the vectors)."""
         if self.N >= self.size:
             return super().exact_topk(k)
-        return (*with_null_space(*self._gram_pairs(), self.size, k), "gram")
+        return (*with_null_space(*self._gram_pairs(k), self.size, k), "gram")
 
     def eigh(self) -> tuple[Tensor, Tensor]:
         """All ``p`` eigenpairs, descending (via the ``N x N`` Gram when ``N < p``)."""

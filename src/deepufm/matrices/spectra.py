@@ -41,9 +41,10 @@ if TYPE_CHECKING:  # the engine needs only size, dtype, device and matmat of an 
     from deepufm.matrices.operator import SymmetricMatrix
 
 # The size of the smallest exact eigenproblem up to which an exact (LAPACK) decomposition is
-# used for a top-k; beyond it block Lanczos on the structured product is cheaper (at p = 4096
-# the top 100 of a ReLU layer Hessian take ~0.3 s by Lanczos, ~3 s by a dense ``eigh``).
-DENSE_LIMIT = 2048
+# used for a top-k; beyond it block Lanczos on the structured product is cheaper (one thread:
+# a 1024 x 1024 subset ``syevr`` ~0.3 s, 2048 ~2 s; the certified top 100 of the p = 4096 ReLU
+# layer Hessian by Lanczos ~1.5 s, see benchmarks/README.md).
+DENSE_LIMIT = 1024
 
 
 def use_exact(size: int, k: int, matrix_free: bool = False) -> bool:

@@ -31,6 +31,7 @@ from deepufm.errors import ConfigError
 from deepufm.matrices.operator import SymmetricMatrix, Terms
 from deepufm.matrices.spectra import (
     dense_eigh,
+    dense_topk,
     gram_lift,
     orthonormal_complement,
     with_null_space,
@@ -475,10 +476,14 @@ class RowSpaceGram(RowFactored, SymmetricMatrix):
         null = orthonormal_complement(vecs, m - r)
         return torch.cat([vals, gram]), torch.cat([vecs, null], dim=1)
 
-    def _gram_pairs(self) -> tuple[Tensor, Tensor]:
-        """The eigenpairs of the ``NR x NR`` Gram lifted to ``V^T u / ||V^T u||`` whose eigenvalue
-        is reliably non-zero (:func:`~deepufm.matrices.spectra.gram_lift`)."""
-        vals, small = dense_eigh(self.gram())
+    def _gram_pairs(self, k: int | None = None) -> tuple[Tensor, Tensor]:
+        """The eigenpairs of the ``NR x NR`` Gram (all, or the top ``k + 1``) lifted to
+        ``V^T u / ||V^T u||`` whose eigenvalue is reliably non-zero
+        (:func:`~deepufm.matrices.spectra.gram_lift`)."""
+        if k is None or k + 1 >= self.rank_bound:
+            vals, small = dense_eigh(self.gram())
+        else:
+            vals, small, _ = dense_topk(self.gram(), k + 1)
         vals, small = vals[: self.rank_bound], small[:, : self.rank_bound]
         return gram_lift(vals, self.apply_VT(small.T.reshape(-1, self.N, self.R)), self.size)
 
@@ -497,7 +502,7 @@ class RowSpaceGram(RowFactored, SymmetricMatrix):
         eigenpairs lifted and the null space completed by an orthonormal basis."""
         if not self._use_gram():
             return super().exact_topk(k)
-        return (*with_null_space(*self._gram_pairs(), self.size, k), "gram")
+        return (*with_null_space(*self._gram_pairs(k), self.size, k), "gram")
 
 
 # The sample-side projectors C of JacobianGram (THEORY M3): with M_pair averaging the rows of one
