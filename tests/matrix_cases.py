@@ -150,3 +150,17 @@ def layer_outlier(cfg: UFMConfig, l: int) -> float:
 
 def rank(vals: torch.Tensor, rtol: float = 1e-8) -> int:
     return int((vals > rtol * vals.abs().max()).sum())
+
+
+def assert_top_eigenpairs(vals: torch.Tensor, vecs: torch.Tensor, ref: torch.Tensor, k: int):
+    """``(vals, vecs)`` ``(k,)``, ``(p, k)`` are the ``k`` algebraically largest eigenpairs of the
+    dense symmetric ``ref`` ``(p, p)``: the values are dense ``eigvalsh``'s top ``k`` (nothing larger
+    was missed, every copy of a repeated value counted), every pair has ``||ref v - theta v||``
+    below ``1e-9`` of the spectral radius, and the vectors are orthonormal (``max|V^T V - I|``)."""
+    ref_vals = torch.linalg.eigvalsh(ref).flip(0)
+    scale = float(ref_vals.abs().max())
+    assert vals.shape == (k,) and vecs.shape == (ref.shape[0], k)
+    torch.testing.assert_close(vals, ref_vals[:k], rtol=0, atol=1e-10 * scale)
+    residuals = torch.linalg.vector_norm(ref @ vecs - vecs * vals, dim=0)
+    assert float(residuals.max()) <= 1e-9 * scale
+    assert float((vecs.T @ vecs - torch.eye(k, dtype=vecs.dtype)).abs().max()) <= 1e-9
