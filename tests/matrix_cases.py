@@ -161,6 +161,7 @@ def assert_top_eigenpairs(vals: torch.Tensor, vecs: torch.Tensor, ref: torch.Ten
     scale = float(ref_vals.abs().max())
     assert vals.shape == (k,) and vecs.shape == (ref.shape[0], k)
     torch.testing.assert_close(vals, ref_vals[:k], rtol=0, atol=1e-10 * scale)
-    residuals = torch.linalg.vector_norm(ref @ vecs - vecs * vals, dim=0)
-    assert float(residuals.max()) <= 1e-9 * scale
-    assert float((vecs.T @ vecs - torch.eye(k, dtype=vecs.dtype)).abs().max()) <= 1e-9
+    residual = float(torch.linalg.vector_norm(ref @ vecs - vecs * vals, dim=0).max())
+    assert residual <= 1e-9 * scale, f"k={k}: max ||Hv - theta v|| = {residual:.3g} of {scale:.3g}"
+    orth = float((vecs.T @ vecs - torch.eye(k, dtype=vecs.dtype)).abs().max())
+    assert orth <= 1e-9, f"k={k}: max |V^T V - I| = {orth:.3g}"
