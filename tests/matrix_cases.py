@@ -107,25 +107,30 @@ def jacobian_rows_ref(model: DeepUFM, l: int) -> torch.Tensor:
 
 
 # -- the exact DNC optimum of the linear MSE model (THEORY §4.2-4.3), built from the formulas ------
-def output_scale(cfg: UFMConfig) -> float:
-    """``c``: the larger root in ``(0, 1)`` of ``(1 - c) c^{(L-1)/(L+1)} = b`` (THEORY §4.2)."""
+def output_scale(cfg: UFMConfig, root: str = "larger") -> float:
+    """``c``: the larger root in ``(0, 1)`` of ``(1 - c) c^{(L-1)/(L+1)} = b`` (THEORY §4.2);
+    ``root="smaller"``: the other one, in ``(0, c_m)`` (``L >= 2``), a maximum of the reduced loss."""
     L = cfg.L
     b = cfg.K * (cfg.n * cfg.lam_H * math.prod(cfg.lam_W)) ** (1 / (L + 1))
-    if L == 1:
+    if L == 1 and root == "larger":
         return 1 - b
     p = (L - 1) / (L + 1)
     c_m = p / (1 + p)
-    return brentq(lambda c: (1 - c) * c**p - b, c_m, 1.0, xtol=1e-15, rtol=1e-15)
+    lo, hi = (c_m, 1.0) if root == "larger" else (0.0, c_m)
+    return brentq(lambda c: (1 - c) * c**p - b, lo, hi, xtol=1e-15, rtol=1e-15)
 
 
-def dnc_optimum(cfg: UFMConfig, seed: int = 0, permutations: bool = False) -> DeepUFM:
+def dnc_optimum(
+    cfg: UFMConfig, seed: int = 0, permutations: bool = False, root: str = "larger"
+) -> DeepUFM:
     """THEORY §4.3: ``H_1 = h U_0^K ⊗ 1_n^T``, ``W_l = omega_l U_l^K U_{l-1}^{K T}``,
     ``W_L = omega_L U_{L-1}^{K T}`` with ``tau = c(1-c)/K``, ``omega_l = sqrt(tau/lam_l)``,
     ``h = sqrt(tau/(n lam_H))``. ``permutations`` makes ``U_1..U_{L-1}`` permutation matrices (the
-    non-negative ReLU point of Definition 2)."""
+    non-negative ReLU point of Definition 2). ``root="smaller"`` builds the same critical point
+    from the smaller root ``c`` of §4.2: a saddle, not the optimum."""
     gen = torch.Generator().manual_seed(seed)
     d, K, n, L = cfg.d, cfg.K, cfg.n, cfg.L
-    c = output_scale(cfg)
+    c = output_scale(cfg, root)
     tau = c * (1 - c) / K
 
     def orth(i: int) -> torch.Tensor:
@@ -150,3 +155,18 @@ def layer_outlier(cfg: UFMConfig, l: int) -> float:
 
 def rank(vals: torch.Tensor, rtol: float = 1e-8) -> int:
     return int((vals > rtol * vals.abs().max()).sum())
+
+
+def assert_top_eigenpairs(vals: torch.Tensor, vecs: torch.Tensor, ref: torch.Tensor, k: int):
+    """``(vals, vecs)`` ``(k,)``, ``(p, k)`` are the ``k`` algebraically largest eigenpairs of the
+    dense symmetric ``ref`` ``(p, p)``: the values are dense ``eigvalsh``'s top ``k`` (nothing larger
+    was missed, every copy of a repeated value counted), every pair has ``||ref v - theta v||``
+    below ``1e-9`` of the spectral radius, and the vectors are orthonormal (``max|V^T V - I|``)."""
+    ref_vals = torch.linalg.eigvalsh(ref).flip(0)
+    scale = float(ref_vals.abs().max())
+    assert vals.shape == (k,) and vecs.shape == (ref.shape[0], k)
+    torch.testing.assert_close(vals, ref_vals[:k], rtol=0, atol=1e-10 * scale)
+    residual = float(torch.linalg.vector_norm(ref @ vecs - vecs * vals, dim=0).max())
+    assert residual <= 1e-9 * scale, f"k={k}: max ||Hv - theta v|| = {residual:.3g} of {scale:.3g}"
+    orth = float((vecs.T @ vecs - torch.eye(k, dtype=vecs.dtype)).abs().max())
+    assert orth <= 1e-9, f"k={k}: max |V^T V - I| = {orth:.3g}"

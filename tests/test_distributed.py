@@ -1,12 +1,14 @@
 """Data-parallel training and the distributed Hessian: two gloo processes on the CPU reproduce the
 single-process loss trajectory and top Hessian eigenvalues (float64, 1e-8 relative)."""
 
+import math
 import socket
 
 import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from torch.func import functional_call
 
 from deepufm.data import ClassificationData
 from deepufm.matrices import ModuleHessian, lanczos_topk
@@ -70,7 +72,28 @@ def run(bn_train, distributed):
     state = (train_distributed if distributed else nw.train)(cfg, data)
     losses = [r["train_loss"] for r in state.records][1:]
     params = [p.detach().clone() for p in state.model.parameters()]
-    return losses, top_eigenvalues(state.model, data.X, data.y), params
+    weights = {k: v.detach().clone() for k, v in state.model.state_dict().items()}
+    return losses, top_eigenvalues(state.model, data.X, data.y), params, weights
+
+
+def dense_spectrum(bn_train, weights, X, y):
+    """The reference that shares no code with ModuleHessian or Lanczos: ``eigvalsh`` of the dense
+    ``torch.func.hessian`` of the data loss on all of ``X`` in one process, at the trained
+    ``state_dict`` (BatchNorm on the running statistics it holds, as in ``curvature_mode``)."""
+    model = nw.build_model(toy_config(bn_train), toy_data())
+    model.load_state_dict(weights)
+    model.eval()
+    params = {k: v.detach() for k, v in model.named_parameters()}
+    buffers = dict(model.named_buffers())
+    shapes = [v.shape for v in params.values()]
+
+    def loss(theta):
+        parts = theta.split([math.prod(s) for s in shapes])
+        ps = {k: t.reshape(s) for k, t, s in zip(params, parts, shapes)}
+        return batch_data_loss(functional_call(model, (ps, buffers), (X,)), y)
+
+    H = torch.func.hessian(loss)(torch.cat([v.reshape(-1) for v in params.values()]))
+    return torch.linalg.eigvalsh(H).flip(0)
 
 
 def worker(rank, port, out):
@@ -100,10 +123,14 @@ def test_two_gloo_processes_match_one_process(tmp_path):
     while not ranks.join():
         pass
     got = torch.load(out, weights_only=True)
-    for mode, (losses, vals, params) in expected.items():
-        d_losses, d_vals, d_params = got[mode]
+    data = toy_data()
+    for mode, (losses, vals, params, _) in expected.items():
+        d_losses, d_vals, d_params, d_weights = got[mode]
         assert len(losses) == 3 and d_losses == pytest.approx(losses, rel=1e-8, abs=0)
         torch.testing.assert_close(d_vals, vals, rtol=1e-8, atol=0)
+        # ... and both are the top of the dense spectrum at the distributed run's weights
+        ref = dense_spectrum(mode, d_weights, data.X, data.y)
+        torch.testing.assert_close(d_vals, ref[:TOP], rtol=0, atol=1e-8 * float(ref[0]))
         for a, b in zip(d_params, params, strict=True):
             torch.testing.assert_close(a, b, rtol=1e-8, atol=1e-12)
 

@@ -24,6 +24,7 @@ from deepufm.matrices import (
     weight_svd,
 )
 from deepufm.models import functional as Fn
+from matrix_cases import assert_top_eigenpairs
 
 REGISTRY = [
     dict(K=3, n=4, d=5, L=3, activation="linear", loss="mse", lam=0.01),
@@ -277,7 +278,11 @@ def test_optimum_gradients_and_gradient_covariance(j, l):
     expected = c * (1 - c) * lam
     close(vals[: K - 1], torch.full((K - 1,), expected))
     assert float(vals[K - 1 :].abs().max()) < 1e-10 * expected
-    _, vecs = cov.topk(K - 1)
+    G = dense_per_sample_gradients(model, l)
+    ref = (G - G.mean(dim=0)).T @ (G - G.mean(dim=0)) / G.shape[0]
+    top, vecs = cov.topk(K - 1)  # K - 1 equal values: every copy, orthonormal
+    assert_top_eigenpairs(top, vecs, ref, K - 1)
+    close(top, torch.full((K - 1,), expected))
     etf = (pairs - pairs.mean(dim=0)).T[:, : K - 1]
     assert span_distance(vecs, etf) < 1e-8
 

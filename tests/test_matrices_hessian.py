@@ -21,7 +21,9 @@ from deepufm.matrices import (
 from deepufm.matrices.hessian import pad_spectrum
 from deepufm.models import functional as Fn
 from matrix_cases import (
+    CASES,
     LAYER_CASES,
+    assert_top_eigenpairs,
     dense_gauss_newton,
     dense_hessian,
     random_model,
@@ -65,16 +67,35 @@ def test_layer_hessian_equals_dense_autograd(name, l):
 
 @pytest.mark.parametrize(("name", "l"), LAYER_CASES)
 def test_residual_is_zero_and_gauss_newton_is_the_hessian(name, l):
-    """E_l = H_l - G_l = 0 (M2), with G_l built independently from jacrev and the loss Hessian."""
+    """E_l = H_l - G_l = 0 (M2). The reference E_l is the dense autograd Hessian minus
+    1/N sum J^T B J from jacrev of the logits and the loss Hessian in z (no deepufm.matrices);
+    ``hessian_residual`` must equal it in every form."""
     model = random_model(name, seed=2)
     ref_H, ref_G = dense_hessian(model, (l,)), dense_gauss_newton(model, (l,))
+    ref_E = ref_H - ref_G
     scale = float(ref_H.abs().max())
-    assert float((ref_H - ref_G).abs().max()) <= 1e-12 * scale  # the claim itself, by autograd
+    assert float(ref_E.abs().max()) <= 1e-10 * scale  # the claim itself, by autograd
     close(gauss_newton(model, l).dense(), ref_G, scale)
     E = hessian_residual(model, l)
-    assert E.shape == ref_H.shape
-    assert float(E.dense().abs().max()) == 0.0 and float(E.eigvalsh().abs().max()) == 0.0
-    assert float(E.matvec(torch.ones(E.size)).abs().max()) == 0.0
+    assert E.shape == ref_H.shape and E.dtype == ref_H.dtype
+    exact = dict(rtol=0, atol=1e-10 * scale)
+    torch.testing.assert_close(E.dense(), ref_E, **exact)
+    V = torch.randn(E.size, 3, generator=torch.Generator().manual_seed(5))
+    torch.testing.assert_close(E.matmat(V), ref_E @ V, **exact)
+    torch.testing.assert_close(E.matvec(V[:, 0]), ref_E @ V[:, 0], **exact)
+    torch.testing.assert_close(E.eigvalsh(), torch.linalg.eigvalsh(ref_E).flip(0), **exact)
+    close(gauss_newton(model, l).dense() + E.dense(), ref_H, scale)
+
+
+@pytest.mark.parametrize("name", [name for name in CASES if CASES[name]["L"] >= 2])
+def test_the_residual_reference_sees_a_nonzero_residual(name):
+    """The reference above can fail: over two layers the logits are bilinear in (w_1, w_2), so
+    the same H - J^T B J has the non-zero cross blocks of E (M6) at these non-optimal points."""
+    model = random_model(name, seed=2)
+    ref_H = dense_hessian(model, (1, 2))
+    ref_E = ref_H - dense_gauss_newton(model, (1, 2))
+    scale = float(ref_H.abs().max())
+    assert float(ref_E.abs().max()) > 1e-3 * scale
 
 
 def test_structured_forms_are_chosen_by_model():
@@ -110,6 +131,58 @@ def test_jacobian_gram_nonzero_spectrum_and_gram(name):
     close(rows.T @ rows, ref, float(ref.abs().max()))
 
 
+# k above the rank of H_1. CE: rank d (K - 1) = 5 < N R = 20 < p = 25 (linear) and rank ~10 (ReLU)
+# on the Gram route, so the NR x NR Gram has 10-15 exact zeros; "lin-ce" (N R = 36 >= p = 25) is
+# the dense route. On the Gram route a k with rank < k <= N R takes Gram null vectors, lifted to
+# normalised round-off, whenever the k-th Gram eigenvalue comes out as +round-off — about half of
+# a dozen zeros do, so some k in the range always shows it.
+LIFTS_NULL = pytest.mark.xfail(strict=True, reason="issue 10: Gram route lifts null vectors")
+CE_GRAM = {
+    act: dict(K=2, n=5, d=5, L=2, activation=act, loss="ce", lam=0.01) for act in ("linear", "relu")
+}
+ABOVE_RANK = [
+    pytest.param("linear", "rank..NR", marks=LIFTS_NULL),
+    pytest.param("relu", "rank..NR", marks=LIFTS_NULL),
+    pytest.param("linear", "NR..p"),
+    pytest.param("relu", "NR..p"),
+    pytest.param("dense", "rank..p"),
+]
+
+
+@pytest.mark.parametrize(("case", "ks"), ABOVE_RANK)
+def test_jacobian_gram_topk_above_the_rank(case, ks):
+    """Beyond the rank the top k holds exact zeros; their vectors must still be orthonormal
+    eigenvectors (an orthonormal basis of part of the null space), for every k, on every route."""
+    model = random_model("lin-ce" if case == "dense" else CE_GRAM[case], seed=4)
+    H = layer_hessian(model, 1)
+    ref = dense_hessian(model, (1,))
+    ref_vals = torch.linalg.eigvalsh(ref).flip(0)
+    rank = int((ref_vals > 1e-10 * ref_vals[0]).sum())
+    NR = H.N * H.R
+    assert H._use_gram() == (case != "dense") and rank < min(NR, H.size)
+    lo, hi = {"rank..NR": (rank, NR), "NR..p": (NR, H.size), "rank..p": (rank, H.size)}[ks]
+    for k in range(lo + 1, hi + 1):
+        assert_top_eigenpairs(*H.topk(k), ref, k)
+
+
+@pytest.mark.parametrize(
+    "name",
+    [
+        pytest.param("relu-mse-gram", marks=LIFTS_NULL),
+        pytest.param("lin-ce-gram", marks=LIFTS_NULL),
+        "relu-mse-dense",
+    ],
+)
+def test_jacobian_gram_nonzero_eigh_vectors_beyond_the_rank(name):
+    """``nonzero_eigh`` returns min(N R, p) pairs; those past the rank (eigenvalue 0) must be
+    orthonormal eigenvectors too, not only the non-zero ones checked above."""
+    model = random_model(name, seed=4)
+    H = layer_hessian(model, 1)
+    ref = dense_hessian(model, (1,))
+    vals, vecs = H.nonzero_eigh()
+    assert_top_eigenpairs(vals, vecs, ref, vals.numel())
+
+
 def test_kronecker_factors_and_zero_padding():
     """d_in > N: Q = H H^T/N has d_in - N zero eigenvalues, so most of the spectrum is exactly 0;
     the top eigenvectors are u ⊗ w of factor eigenvectors (no Lanczos)."""
@@ -124,8 +197,9 @@ def test_kronecker_factors_and_zero_padding():
     k = 5
     top, U, W = H.topk_factors(k)
     vecs = torch.einsum("ak,bk->abk", U, W).reshape(H.size, k)
-    torch.testing.assert_close(ref @ vecs, vecs * top, rtol=0, atol=1e-10 * float(top[0]))
+    assert_top_eigenpairs(top, vecs, ref, k)
     torch.testing.assert_close(top, ref_vals[:k], rtol=0, atol=1e-12 * float(top[0]))
+    assert_top_eigenpairs(*H.topk(H.size - 3), ref, H.size - 3)  # most of them exact zeros
     # the complete eigenbasis (needs the factors' null spaces)
     all_vals, all_vecs = H.eigh()
     torch.testing.assert_close(all_vecs.T @ all_vecs, torch.eye(H.size), rtol=0, atol=1e-10)
@@ -239,8 +313,8 @@ def test_row_gram_with_signed_weights_and_padding():
     got = M.eigvalsh()
     torch.testing.assert_close(got, want, rtol=0, atol=1e-12)
     assert (got[:2] > 0).all() and (got[2:5] == 0).all() and (got[5:] < 0).all()
-    top, vecs = M.topk(2)
-    torch.testing.assert_close(ref @ vecs, vecs * top, rtol=0, atol=1e-11)
+    assert_top_eigenpairs(*M.topk(2), ref, 2)
+    assert_top_eigenpairs(*M.topk(5), ref, 5)  # through the exact zeros
     torch.testing.assert_close(M.trace(), torch.trace(ref), rtol=1e-12, atol=0)
     torch.testing.assert_close(
         pad_spectrum(torch.tensor([3.0, -1.0, 2.0]), 5), torch.tensor([3.0, 2.0, 0.0, 0.0, -1.0])
