@@ -135,14 +135,14 @@ def test_jacobian_gram_nonzero_spectrum_and_gram(name):
 # on the Gram route, so the NR x NR Gram has 10-15 exact zeros; "lin-ce" (N R = 36 >= p = 25) is
 # the dense route. On the Gram route a k with rank < k <= N R takes Gram null vectors, lifted to
 # normalised round-off, whenever the k-th Gram eigenvalue comes out as +round-off — about half of
-# a dozen zeros do, so some k in the range always shows it.
-LIFTS_NULL = pytest.mark.xfail(strict=True, reason="issue 10: Gram route lifts null vectors")
+# a dozen zeros do, so some k in the range always shows it (issue 10, fixed: the null space is
+# completed by an orthonormal basis).
 CE_GRAM = {
     act: dict(K=2, n=5, d=5, L=2, activation=act, loss="ce", lam=0.01) for act in ("linear", "relu")
 }
 ABOVE_RANK = [
-    pytest.param("linear", "rank..NR", marks=LIFTS_NULL),
-    pytest.param("relu", "rank..NR", marks=LIFTS_NULL),
+    pytest.param("linear", "rank..NR"),
+    pytest.param("relu", "rank..NR"),
     pytest.param("linear", "NR..p"),
     pytest.param("relu", "NR..p"),
     pytest.param("dense", "rank..p"),
@@ -168,8 +168,8 @@ def test_jacobian_gram_topk_above_the_rank(case, ks):
 @pytest.mark.parametrize(
     "name",
     [
-        pytest.param("relu-mse-gram", marks=LIFTS_NULL),
-        pytest.param("lin-ce-gram", marks=LIFTS_NULL),
+        "relu-mse-gram",
+        "lin-ce-gram",
         "relu-mse-dense",
     ],
 )
