@@ -283,7 +283,7 @@ def test_ddp_and_distributed_hessian_on_one_process(tmp_path, device):
     dev_cfg = cfg.replace(device=str(device))
     reference = nw.train(cfg, data)
     if device.type == "cuda":
-        torch.cuda.set_device(device)
+        torch.cuda.set_device(device.index or 0)  # NCCL binds the process to one GPU
     store = dist.FileStore(str(tmp_path / "store"), 1)
     dist.init_process_group(backend, store=store, rank=0, world_size=1)
     try:
