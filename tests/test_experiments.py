@@ -3,6 +3,7 @@
 import json
 
 import pytest
+import torch
 
 from deepufm.cli import main
 from deepufm.experiments import linear_ufm, relu_ufm
@@ -123,3 +124,43 @@ def test_relu_ufm_experiment_end_to_end(tmp_path, capsys, tiny_relu):
             assert f"{item}.png" in figures and f"{item}.pdf" in figures
     report = (out / "report.md").read_text()
     assert "v1 Table 4" in report and "not predicted" in report
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a CPU-only machine")
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["linear-ufm", "--device", "cuda"],
+        ["relu-ufm", "--device", "cuda:1"],
+        ["mnist-resnet", "--device", "cuda"],
+        ["mnist-resnet", "--preset", "paper"],  # the paper preset's own device is CUDA
+    ],
+)
+def test_run_refuses_a_cuda_device_this_machine_lacks_before_writing(tmp_path, capsys, args):
+    out = tmp_path / "run"
+    assert main(["run", *args, "--out", str(out), "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert "--device" in err and "cuda" in err
+    assert not out.exists()
+
+
+def test_run_puts_the_models_on_the_device_given(tmp_path, monkeypatch):
+    def short(name):
+        return linear_ufm.Preset(
+            UFMConfig(K=3, n=2, d=4, L=2, lam=0.01),  # device "auto" unless --device says
+            TrainConfig(lr=0.5, epochs=20, probes_per_decade=1),
+            2,
+            (0, 20),
+            1e-6,
+        )
+
+    monkeypatch.setattr(linear_ufm, "preset", short)
+    seen = []
+    real = linear_ufm.DeepUFM.init
+    monkeypatch.setattr(
+        linear_ufm.DeepUFM, "init", lambda cfg: seen.append(cfg.torch_device) or real(cfg)
+    )
+    out = tmp_path / "lin"
+    assert main(["run", "linear-ufm", "--out", str(out), "--quiet", "--device", "cpu"]) == 0
+    assert json.loads((out / "config.json").read_text())["model"]["device"] == "cpu"
+    assert seen == [torch.device("cpu")]

@@ -3,6 +3,7 @@ points, and at an exact DNC optimum."""
 
 import math
 
+import numpy as np
 import pytest
 import torch
 
@@ -12,16 +13,21 @@ from deepufm.metrics import (
     back_product,
     basis_coefficients,
     class_means,
+    collapse_note,
     effective_rank,
     eigvec_alignment,
     eigvec_alignment_matrix,
+    etf_distance,
     gradient_coefficients,
     kron_columns,
+    means_degeneracy,
+    nc1,
     nc3_alignment,
     nc3_gram,
     nc3_row_alignment,
     nc3_row_space_residual,
     negative_fraction,
+    orthogonal_frame_distance,
     outlier_count,
     outlier_stats,
     projection_proportion,
@@ -205,17 +211,130 @@ def test_nc3_forms_match_the_definitions_at_a_random_point():
     assert nc3_alignment(model, l, "b") == pytest.approx(ref_b, rel=1e-10)
     G = A @ A.T
     torch.testing.assert_close(nc3_alignment(model, l, "c"), G / (torch.trace(G) / 3))
-    # (d): dz_ic/dh_ic by autograd, sample by sample (ReLU masks included)
-    H = model.features()[l - 1]
-
-    def z_of_h(h):
-        return model.W[2] @ torch.relu(model.W[1] @ h)
-
-    J = torch.stack([torch.func.jacrev(z_of_h)(H[:, i]) for i in range(cfg.N)])
-    avg = (J @ J.transpose(1, 2)).mean(dim=0)
-    torch.testing.assert_close(nc3_alignment(model, l, "d"), avg / (torch.trace(avg) / 3))
     with pytest.raises(ValueError):
         nc3_alignment(model, l, "e")
+
+
+def normalised_average(J: torch.Tensor) -> torch.Tensor:
+    avg = (J @ J.transpose(1, 2)).mean(dim=0)
+    return avg / (torch.trace(avg) / avg.shape[0])
+
+
+def test_nc3_form_d_is_the_pre_activation_jacobian_of_theory_section_1():
+    """(d) with THEORY §1's ``A^{(l)}_{ic} = W_L D^{(L)} ... W_l D^{(l)} = dz_ic/du^{(l)}_ic``: by
+    autograd through the ReLU network, sample by sample, at a random point where it differs from
+    ``dz/dh^{(l)}`` (the trailing mask ``D^{(l)}`` matters); layer 1 has no activation, so there it
+    is ``dz/dh^{(1)}``."""
+    model = random_model("relu", "mse", seed=3)
+    W1, W2, W3 = model.W
+    H1 = model.H1
+    relu = torch.relu
+
+    def z_of_u2(u):  # u^(2) = W_1 h^(1) -> z
+        return W3 @ relu(W2 @ relu(u))
+
+    def z_of_h2(h):  # h^(2) -> z
+        return W3 @ relu(W2 @ h)
+
+    def z_of_u3(u):
+        return W3 @ relu(u)
+
+    def z_of_h1(h):
+        return W3 @ relu(W2 @ relu(W1 @ h))
+
+    U2 = W1 @ H1
+    U3 = W2 @ relu(U2)
+    N = model.config.N
+    jac = lambda f, X: torch.stack([torch.func.jacrev(f)(X[:, i]) for i in range(N)])  # noqa: E731
+    du2, dh2 = jac(z_of_u2, U2), jac(z_of_h2, relu(U2))
+    assert not (U2 == 0).any() and not (U3 == 0).any()  # relu' is unambiguous at this point
+    torch.testing.assert_close(nc3_alignment(model, 2, "d"), normalised_average(du2))
+    torch.testing.assert_close(nc3_alignment(model, 3, "d"), normalised_average(jac(z_of_u3, U3)))
+    torch.testing.assert_close(nc3_alignment(model, 1, "d"), normalised_average(jac(z_of_h1, H1)))
+    torch.testing.assert_close(back_product(model, 2, per_sample=True), du2)
+    # the two readings differ here, so the test tells them apart
+    gap = (normalised_average(du2) - normalised_average(dh2)).abs().max()
+    assert float(gap) > 0.05
+
+
+def test_nc3_form_d_of_the_linear_model_is_form_c():
+    model = random_model("linear", "mse", seed=1)
+    for l in (1, 2, 3):
+        torch.testing.assert_close(nc3_alignment(model, l, "d"), nc3_alignment(model, l, "c"))
+
+
+# --------------------------------------------------------------------------------------------
+# degenerate points: undefined metrics are nan with a note, never a number that looks collapsed
+# --------------------------------------------------------------------------------------------
+
+
+def nc1_numpy(H: np.ndarray, K: int) -> float:
+    """NC1 of THEORY §4.1 written out in numpy (class-major columns)."""
+    N = H.shape[1]
+    n = N // K
+    mus = [H[:, c * n : (c + 1) * n].mean(axis=1) for c in range(K)]
+    mu_g = sum(mus) / K
+    sw = sum(
+        np.outer(H[:, c * n + i] - mus[c], H[:, c * n + i] - mus[c])
+        for c in range(K)
+        for i in range(n)
+    )
+    sb = sum(np.outer(m - mu_g, m - mu_g) for m in mus) / K
+    return float(np.trace(sw / N @ np.linalg.pinv(sb)) / K)
+
+
+@pytest.mark.parametrize("spread", [1.0, 1e-6])
+def test_nc1_matches_a_direct_numpy_computation(spread):
+    """At a generic point and at nearly (not exactly) coinciding means, which stay defined."""
+    K, n, d = 3, 4, 5
+    gen = torch.Generator().manual_seed(7)
+    means = 1.0 + spread * torch.randn(d, K, generator=gen)
+    H = (means.unsqueeze(2) + 0.3 * torch.randn(d, K, n, generator=gen)).reshape(d, K * n)
+    value = nc1(H, K)
+    assert math.isfinite(value) and collapse_note(H, K) is None
+    assert value == pytest.approx(nc1_numpy(H.numpy(), K), rel=1e-8)
+
+
+def identical_means_features(K: int = 3, n: int = 4, d: int = 5) -> torch.Tensor:
+    """Features whose class means are all equal to one vector, with a real within-class spread."""
+    gen = torch.Generator().manual_seed(2)
+    noise = torch.randn(d, K, n, generator=gen)
+    noise = noise - noise.mean(dim=2, keepdim=True)  # each class: zero-mean spread
+    mu = torch.randn(d, 1, 1, generator=gen)
+    return (mu + noise).reshape(d, K * n)
+
+
+def test_nc1_is_nan_with_a_note_when_the_class_means_coincide_or_vanish():
+    K = 3
+    H = identical_means_features(K)
+    assert math.isnan(nc1(H, K))
+    assert "coincide" in collapse_note(H, K)
+    # the pseudo-inverse of the round-off Sigma_B would give a meaningless number instead
+    zero = torch.zeros(5, 12)
+    assert math.isnan(nc1(zero, K))
+    assert "trivial zero solution" in collapse_note(zero, K)
+    assert means_degeneracy(class_means(zero, K)) == "zero"
+    assert means_degeneracy(class_means(H, K), float(H.abs().max()), 4) == "coincide"
+
+
+def test_frame_and_etf_distances_of_zero_and_equal_means():
+    K = 3
+    zero = torch.zeros(5, K)
+    assert math.isnan(orthogonal_frame_distance(zero))
+    assert math.isnan(etf_distance(zero))
+    equal = torch.randn(5, 1).expand(5, K).clone()
+    assert math.isnan(etf_distance(equal))
+    # equal non-zero means are a frame, just not orthogonal: M^T M / ||.||_F = 11^T / K
+    expected = math.sqrt(K * (K - 1) / K**2 + K * (1 / K - 1 / math.sqrt(K)) ** 2)
+    assert orthogonal_frame_distance(equal) == pytest.approx(expected, rel=1e-12)
+
+
+def test_projection_proportion_of_a_zero_gradient_is_nan():
+    V = torch.eye(4)[:, :2]
+    assert math.isnan(projection_proportion(torch.zeros(4), V))
+    # a tiny gradient is still a direction (no underflow to 0/0)
+    g = t(3.0, 4.0, 0.0, 0.0)
+    assert projection_proportion(1e-200 * g, V[:, :1]) == pytest.approx(9 / 25, rel=1e-14)
 
 
 # --------------------------------------------------------------------------------------------

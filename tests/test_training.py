@@ -131,3 +131,31 @@ def test_resume_mid_run_with_momentum_is_bitwise_exact(tmp_path):
     (part / "params.npz").unlink()
     resumed = resume_run(part).model
     assert all(torch.equal(a, b) for a, b in zip(resumed.params, ref.params))
+
+
+def test_an_undefined_nc1_is_stored_as_null_with_a_note_and_is_not_divergence(tmp_path):
+    """At the trivial zero solution (``H_1 = 0``, every ``W_l = 0``: a stationary point with a
+    finite loss) NC1 is undefined: the run goes on, ``metrics.jsonl`` is strict JSON with
+    ``null`` and an ``nc1_note``, and reading it back gives ``None``."""
+    cfg = UFMConfig(K=3, n=2, d=4, L=2, lam=0.01, device="cpu")
+    zero = DeepUFM.init(cfg)
+    for p in zero.params:
+        p.zero_()
+    result = train(TrainState(zero), TrainConfig(lr=0.1, epochs=3, probes_per_decade=1), tmp_path)
+    assert result.epoch == 3
+    assert all(np.isnan(v) for v in result.records[-1]["nc1"])
+    text = (tmp_path / rd.METRICS).read_text()
+    assert "NaN" not in text
+    lines = [json.loads(line, parse_constant=pytest.fail) for line in text.splitlines()]
+    assert len(lines) == len(result.records) >= 2
+    for rec in read_metrics(tmp_path):
+        assert rec["nc1"] == [None, None]
+        assert rec["orthogonal_frame_distance"] == [None, None]
+        assert all("trivial zero solution" in note for note in rec["nc1_note"])
+        assert rec["loss"] == pytest.approx(0.5)  # ||Y||_F^2 / (2N) with ||Y||_F^2 = N: finite
+
+
+def test_json_record_nulls_only_non_finite_floats():
+    rec = {"a": float("nan"), "b": [1.0, float("inf"), None, 2], "c": {"d": -float("inf")}}
+    assert rd.json_record(rec) == {"a": None, "b": [1.0, None, None, 2], "c": {"d": None}}
+    assert rd.json_record({"x": 0.5, "s": "nan"}) == {"x": 0.5, "s": "nan"}

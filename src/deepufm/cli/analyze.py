@@ -10,6 +10,7 @@ import torch
 
 from deepufm.errors import ConfigError
 from deepufm.metrics.layer_report import layer_report
+from deepufm.models.config import resolve_device
 from deepufm.training.probes import loss_probe
 from deepufm.training.rundir import load_params
 
@@ -56,7 +57,9 @@ def register(sub) -> None:
         help="set parameters with |value| below this to 0 first (the paper's ReLU practice)",
     )
     p.add_argument("--plot", metavar="DIR", help="also write the spectra as PNG figures into DIR")
-    p.add_argument("--device", default="cpu", help="device for the computation")
+    p.add_argument(
+        "--device", default="cpu", help="device for the computation: auto, cpu, cuda or cuda:N"
+    )
     p.set_defaults(func=run)
 
 
@@ -70,7 +73,7 @@ def analyze(
     device="cpu",
 ) -> dict:
     """The public JSON contract of ``deepufm analyze --json``."""
-    model = load_params(run_dir, device=device)
+    model = load_params(run_dir, device=resolve_device(device, "--device"))
     L = model.config.L
     layers = list(range(1, L + 1)) if not layers else layers
     for l in layers:

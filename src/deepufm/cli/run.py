@@ -47,6 +47,12 @@ def register(sub) -> None:
         help="*-resnet only: images per class to train on, class-balanced (default: the "
         "preset's; the paper uses 5000)",
     )
+    p.add_argument(
+        "--device",
+        help="auto (CUDA when present), cpu, cuda or cuda:N (default: the preset's: auto for the "
+        "deep-UFM experiments; for *-resnet cpu with quick, cuda with paper); a CUDA device this "
+        "machine lacks is refused before anything is written",
+    )
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=run)
 
@@ -75,6 +81,7 @@ def run(args: argparse.Namespace) -> int:
             progress=not args.quiet,
             data_dir=args.data_dir,
             per_class=args.per_class,
+            device=args.device,
         )
         held = sum(r.holds for r in report.results)
         print(

@@ -15,7 +15,7 @@ from deepufm.cli.common import (
     read_toml,
 )
 from deepufm.errors import ConfigError
-from deepufm.models.config import UFMConfig
+from deepufm.models.config import UFMConfig, resolve_device
 from deepufm.training import rundir as rd
 from deepufm.training.config import TrainConfig
 from deepufm.training.trainer import resume_run, start_run
@@ -118,6 +118,8 @@ def _configs(opts: dict[str, Any]) -> tuple[UFMConfig, TrainConfig]:
 def run(args: argparse.Namespace) -> int:
     opts = _options(args)
     progress = not args.quiet
+    if opts.get("device") is not None:  # a CUDA device this machine lacks: refused before writing
+        resolve_device(opts["device"], "--device")
     if args.resume:
         run_dir = Path(args.resume)
         if not (run_dir / rd.CONFIG).is_file():

@@ -8,6 +8,7 @@ rank ``(K-1)^2``.
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -32,8 +33,10 @@ def preset(name: str) -> tuple[UFMConfig, TrainConfig, float]:
     return model, TrainConfig(lr=1.0, epochs=epochs, probes_per_decade=10), 1e-6
 
 
-def run(preset_name: str, out: Path, progress: bool = True) -> Report:
+def run(preset_name: str, out: Path, progress: bool = True, device: str | None = None) -> Report:
     cfg, tcfg, tol = preset(preset_name)
+    if device is not None:
+        cfg = replace(cfg, device=device)
     check_admissible(cfg)
     rd.prepare_new_run(out, overwrite=True)
     clear_outputs(out)

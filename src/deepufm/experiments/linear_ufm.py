@@ -8,7 +8,7 @@ layer.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -48,8 +48,10 @@ def preset(name: str) -> Preset:
     return Preset(model, train_cfg, 3, (0, 10, 100, 1000, 6000), 1e-6)
 
 
-def run(preset_name: str, out: Path, progress: bool = True) -> Report:
+def run(preset_name: str, out: Path, progress: bool = True, device: str | None = None) -> Report:
     pre = preset(preset_name)
+    if device is not None:  # every model of the run (and its matrices) lives there
+        pre = replace(pre, model=replace(pre.model, device=device))
     cfg, tcfg, l = pre.model, pre.training, pre.layer
     check_admissible(cfg)
     rd.prepare_new_run(out, overwrite=True)

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from deepufm.errors import ConfigError
+from deepufm.models.config import resolve_device
 
 PRESETS = ("quick", "paper")
 
@@ -30,7 +31,8 @@ class Item:
 class Experiment:
     name: str
     description: str
-    module: str  # module defining `run(preset: str, out: Path, progress: bool, ...) -> Report`
+    # module defining `run(preset: str, out: Path, progress: bool, ..., device=None) -> Report`
+    module: str
     items: tuple[Item, ...]
     # Extra keyword arguments of `run` (e.g. which data set); `needs_data` experiments also take
     # `data_dir` (data sets that cannot ship are read from there, THEORY §10).
@@ -146,9 +148,19 @@ def run_experiment(
     progress: bool = True,
     data_dir: str | None = None,
     per_class: int | None = None,
+    device: str | None = None,
 ):
+    """Run experiment ``name`` with ``preset`` into ``out``.
+
+    ``device`` (``auto``, ``cpu``, ``cuda``, ``cuda:N``; ``None``: the preset's — ``auto`` for the
+    deep-UFM experiments, ``cpu`` for quick and ``cuda`` for paper real-network runs) is resolved
+    and checked here, so a CUDA device this machine lacks is refused before anything is written.
+    """
     exp = EXPERIMENTS[name]
     kwargs = dict(exp.options)
+    if device is not None:
+        device = str(resolve_device(device, "--device"))
+    kwargs["device"] = device
     if exp.needs_data:
         kwargs |= {"data_dir": data_dir, "per_class": per_class}
     elif per_class is not None:

@@ -20,7 +20,7 @@ solutions of Sukenik et al. 2024), not at DNC — see :func:`preset`.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -69,8 +69,10 @@ def preset(name: str) -> Preset:
     return Preset(model, training, model.L - 1, snaps, 1e-5, 0.0, tol, 6000)
 
 
-def run(preset_name: str, out: Path, progress: bool = True) -> Report:
+def run(preset_name: str, out: Path, progress: bool = True, device: str | None = None) -> Report:
     pre = preset(preset_name)
+    if device is not None:  # every model of the run (and its matrices) lives there
+        pre = replace(pre, model=replace(pre.model, device=device))
     cfg, tcfg, l = pre.model, pre.training, pre.layer
     check_admissible(cfg)
     rd.prepare_new_run(out, overwrite=True)

@@ -31,6 +31,7 @@ from deepufm.matrices.lanczos import lanczos_topk, rademacher
 from deepufm.matrices.operator import SymmetricMatrix
 from deepufm.metrics import class_means, effective_rank, outlier_count
 from deepufm.metrics.spectral import singular_vector_alignment
+from deepufm.models.config import resolve_device
 from deepufm.models.resnet import batch_data_loss, curvature_mode
 from deepufm.models.ufm import DeepUFM
 from deepufm.training import network as net
@@ -166,12 +167,25 @@ def run(
     experiment: str = "mnist-resnet",
     data_dir: str | None = None,
     per_class: int | None = None,
+    device: str | None = None,
 ) -> Report:
     pre = preset(preset_name, DATASETS[experiment])
     if per_class is not None:
         # images per class to train on (the paper: 5,000), validated by the training config
         pre = replace(pre, training=pre.training.replace(per_class=per_class))
+    if device is not None:
+        pre = replace(pre, training=pre.training.replace(device=device))
     cfg, l = pre.training, pre.layer
+    try:  # before anything is loaded or written: the paper preset's default device is CUDA
+        resolve_device(cfg.device, "--device")
+    except ConfigError as exc:
+        raise ConfigError(
+            "--device",
+            cfg.device,
+            exc.valid,
+            f"The run would train on {cfg.device} (preset {preset_name!r}), which this machine "
+            "lacks; pass --device cpu to run it on the CPU.",
+        ) from exc
     data = net.load_network_data(cfg, data_dir)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)

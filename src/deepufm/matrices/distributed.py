@@ -40,7 +40,11 @@ class DistributedHessian(SymmetricMatrix):
             )
         super().__init__(local.size, local.dtype, local.device)
         self.local, self.group = local, group
-        sizes = torch.tensor([float(local.num_data), float(local.size)], dtype=torch.float64)
+        # NCCL gathers device tensors only, gloo CPU ones
+        where = "cpu" if dist.get_backend(group) == "gloo" else local.device
+        sizes = torch.tensor(
+            [float(local.num_data), float(local.size)], dtype=torch.float64, device=where
+        )
         gathered = [torch.zeros_like(sizes) for _ in range(dist.get_world_size(group))]
         dist.all_gather(gathered, sizes, group=group)
         if any(int(g[1]) != local.size for g in gathered):

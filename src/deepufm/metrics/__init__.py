@@ -1,6 +1,13 @@
 """Metrics of collapse, alignment and spectra (THEORY §4.1, §9)."""
 
-from deepufm.metrics.collapse import class_means, etf_distance, nc1, orthogonal_frame_distance
+from deepufm.metrics.collapse import (
+    class_means,
+    collapse_note,
+    etf_distance,
+    means_degeneracy,
+    nc1,
+    orthogonal_frame_distance,
+)
 from deepufm.metrics.nc3 import (
     back_product,
     nc3_alignment,
@@ -28,6 +35,7 @@ __all__ = [
     "back_product",
     "basis_coefficients",
     "class_means",
+    "collapse_note",
     "effective_rank",
     "eigenbasis_coefficients",
     "eigvec_alignment",
@@ -35,6 +43,7 @@ __all__ = [
     "etf_distance",
     "gradient_coefficients",
     "kron_columns",
+    "means_degeneracy",
     "nc1",
     "nc3_alignment",
     "nc3_gram",

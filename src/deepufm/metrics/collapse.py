@@ -1,12 +1,24 @@
 """Neural-collapse metrics of a feature matrix (THEORY §4.1).
 
 Features ``H`` are ``(d, N)`` with class-major columns: ``n`` consecutive columns per class.
+
+At degenerate points the metrics are undefined, and they say so instead of returning a number
+that looks like collapse: when every class mean is (numerically) zero — the trivial zero solution
+— or all class means coincide (``Sigma_B = 0``), NC1 and the ETF distance are ``nan``; zero means
+also make the orthogonal-frame distance ``nan``. :func:`collapse_note` gives the reason.
 """
 
 from __future__ import annotations
 
 import torch
 from torch import Tensor
+
+NOTES = {
+    "zero": "every class mean is zero (the trivial zero solution): NC1 and the frame and ETF "
+    "distances are undefined (nan), not collapsed",
+    "coincide": "all class means coincide (Sigma_B = 0): NC1 and the ETF distance are undefined "
+    "(nan), not collapsed",
+}
 
 
 def class_means(H: Tensor, K: int) -> Tensor:
@@ -15,13 +27,52 @@ def class_means(H: Tensor, K: int) -> Tensor:
     return H.reshape(d, K, N // K).mean(dim=2)
 
 
+def means_degeneracy(M: Tensor, scale: float | None = None, terms: int | None = None) -> str | None:
+    """``"zero"``, ``"coincide"`` or ``None``: whether the class means ``M`` ``(d, K)`` are
+    numerically all zero, numerically all equal (``Sigma_B = 0``), or neither.
+
+    ``scale`` is the magnitude the means were computed from (default ``max|M|``; pass ``max|H|``
+    for means of features ``H``) and ``terms`` the number of terms summed per mean (default ``K``).
+    The means coincide when their spread around the global mean is within the round-off of
+    those sums, ``4 (terms + K) eps scale``; they are zero when ``max|M|`` is below the smallest
+    normal number of the dtype (a subnormal mean has no relative precision left).
+    """
+    finfo = torch.finfo(M.dtype)
+    size = float(M.abs().max()) if M.numel() else 0.0
+    if not size > finfo.tiny:
+        return "zero"
+    K = M.shape[1]
+    scale = size if scale is None else max(scale, size)
+    terms = K if terms is None else terms
+    spread = float((M - M.mean(dim=1, keepdim=True)).abs().max())
+    if spread <= 4 * (terms + K) * finfo.eps * scale:
+        return "coincide"
+    return None
+
+
+def _feature_degeneracy(H: Tensor, K: int) -> str | None:
+    return means_degeneracy(class_means(H, K), float(H.abs().max()), H.shape[1] // K)
+
+
+def collapse_note(H: Tensor, K: int) -> str | None:
+    """Why :func:`nc1` (and the frame/ETF distances of the class means) of ``H`` ``(d, N)`` are
+    ``nan``, or ``None`` when they are defined (see :func:`means_degeneracy`)."""
+    kind = _feature_degeneracy(H, K)
+    return None if kind is None else NOTES[kind]
+
+
 def nc1(H: Tensor, K: int) -> float:
     """NC1 ``= tr(Sigma_W Sigma_B^+) / K`` (Papyan, Han & Donoho 2020).
 
     ``Sigma_W`` is the within-class covariance (mean over all N samples), ``Sigma_B`` the
     between-class covariance of the class means around the global mean; ``^+`` the pseudo-inverse.
+    ``nan`` when ``Sigma_B`` is numerically zero (all class means coincide, e.g. the trivial zero
+    solution; :func:`collapse_note` says which) or the features are not finite: the pseudo-inverse
+    of a zero ``Sigma_B`` would report 0, perfect collapse, for the very point NC1 rules out.
     """
     d, N = H.shape
+    if not bool(torch.isfinite(H).all()) or _feature_degeneracy(H, K) is not None:
+        return float("nan")
     M = class_means(H, K)
     within = (H.reshape(d, K, N // K) - M.unsqueeze(2)).reshape(d, N)
     sigma_w = within @ within.T / N
@@ -29,13 +80,18 @@ def nc1(H: Tensor, K: int) -> float:
     sigma_b = centred @ centred.T / K
     try:
         pinv = torch.linalg.pinv(sigma_b, hermitian=True)
-    except torch.linalg.LinAlgError:  # non-finite or wildly scaled features: NC1 is undefined
+    except torch.linalg.LinAlgError:  # wildly scaled features: NC1 is undefined
         return float("nan")
     return float(torch.trace(sigma_w @ pinv) / K)
 
 
 def orthogonal_frame_distance(M: Tensor) -> float:
-    """``|| M^T M / ||M^T M||_F - I_K / sqrt(K) ||_F`` (v2 App. G.1); zero iff DNC2. ``M``: ``(d, K)``."""
+    """``|| M^T M / ||M^T M||_F - I_K / sqrt(K) ||_F`` (v2 App. G.1); zero iff DNC2. ``M``: ``(d, K)``.
+
+    ``nan`` when every mean is zero (no frame to normalise; :func:`means_degeneracy`).
+    """
+    if means_degeneracy(M) == "zero":
+        return float("nan")
     gram = M.T @ M
     K = gram.shape[0]
     eye = torch.eye(K, dtype=gram.dtype, device=gram.device)
@@ -43,7 +99,12 @@ def orthogonal_frame_distance(M: Tensor) -> float:
 
 
 def etf_distance(M: Tensor) -> float:
-    """``|| Mc^T Mc / ||Mc^T Mc||_F - S / sqrt(K-1) ||_F`` with ``Mc`` globally centred (NC2)."""
+    """``|| Mc^T Mc / ||Mc^T Mc||_F - S / sqrt(K-1) ||_F`` with ``Mc`` globally centred (NC2).
+
+    ``nan`` when the centred means vanish — all means zero or equal (:func:`means_degeneracy`).
+    """
+    if means_degeneracy(M) is not None:
+        return float("nan")
     Mc = M - M.mean(dim=1, keepdim=True)
     gram = Mc.T @ Mc
     K = gram.shape[0]

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from deepufm.matrices.jacobian import layer_jacobian
+from deepufm.matrices.jacobian import layer_jacobian, relu_derivative
 from deepufm.metrics.collapse import class_means
 from deepufm.models.ufm import DeepUFM
 
@@ -23,11 +23,19 @@ def back_product(
     """``A^{(l)}``, the map from ``h^{(l)}`` to ``z``: ``1 <= layer <= L``.
 
     ``per_sample=False``: the weight product ``W_L ... W_l`` ``(K, d_in)`` (no activations).
-    ``per_sample=True``: ``dz_ic / dh^{(l)}_ic = A^{(l+1)}_{ic} W_l`` ``(N, K, d_in)`` with the ReLU
-    masks ``D^{(m)}_{ic}`` (sigma'(0)=1); identical for every sample in the linear model.
+    ``per_sample=True``: THEORY §1's ``A^{(l)}_{ic} = W_L D^{(L)}_{ic} ... W_l D^{(l)}_{ic}
+    = dz_ic / du^{(l)}_ic`` ``(N, K, d_in)``, the ReLU masks ``D^{(m)}_{ic} = diag sigma'(u^{(m)}_ic)``
+    (sigma'(0)=1, entries ``>= -relu_tol max|U_m|`` count as non-negative) *including the trailing*
+    ``D^{(l)}``: the map from the pre-activation, not from ``h^{(l)}``. Layer 1 has no activation
+    (``h^{(1)}`` are the free features), so there it is ``dz/dh^{(1)} = A^{(2)}_{ic} W_1``; in the
+    linear model every sample has the same ``W_L ... W_l``.
     """
     if per_sample:
-        return layer_jacobian(model, layer, relu_tol).per_sample_A @ model.W[layer - 1]
+        A = layer_jacobian(model, layer, relu_tol).per_sample_A @ model.W[layer - 1]
+        if model.config.activation == "relu" and layer >= 2:
+            U = model.preactivations()[layer - 2]  # u^{(l)} = W_{l-1} h^{(l-1)}, (d_in, N)
+            A = A * relu_derivative(U, relu_tol).T.unsqueeze(1)
+        return A
     A = model.W[-1]
     for W in reversed(model.W[layer - 1 : -1]):
         A = A @ W
@@ -72,7 +80,9 @@ def nc3_alignment(model: DeepUFM, layer: int, form: str = "a", relu_tol: float =
     (a) ``float``: ``min_c cos^2(a^{(l)}_c, mu^{(l)}_c)`` with ``A^{(l)} = W_L ... W_l``;
     (b) ``float``: row-space residual of ``W_l`` outside ``span M_l``;
     (c) ``(K, K)`` tensor: normalised ``A^{(l)} A^{(l)T}``;
-    (d) ``(K, K)`` tensor: normalised data average of ``A^{(l)}_{ic} A^{(l)T}_{ic}`` (ReLU masks).
+    (d) ``(K, K)`` tensor: normalised data average of ``A^{(l)}_{ic} A^{(l)T}_{ic}`` with
+    ``A^{(l)}_{ic} = dz_ic/du^{(l)}_ic`` as THEORY §1 defines it (ReLU masks up to and including
+    ``D^{(l)}``; :func:`back_product` with ``per_sample=True``).
     """
     if form not in NC3_FORMS:
         raise ValueError(f"form={form!r} must be one of {NC3_FORMS}")

@@ -84,8 +84,17 @@ def basis_coefficients(g: Tensor, V: Tensor) -> Tensor:
 
 def projection_proportion(g: Tensor, V: Tensor) -> float:
     """``pi(g) = ||P g||^2 / ||g||^2`` with ``P`` the projector on the orthonormal columns of ``V``
-    ``(p, k)`` (Gur-Ari, Roberts & Dyer 2018; THEORY §9). Use the data gradient ``tilde g_l``."""
-    return float(((V.T @ g) ** 2).sum() / (g @ g))
+    ``(p, k)`` (Gur-Ari, Roberts & Dyer 2018; THEORY §9). Use the data gradient ``tilde g_l``.
+
+    ``nan`` when ``g = 0`` (e.g. at an exact optimum of the data loss): a zero gradient lies in
+    no subspace, and 0/0 must not read as a proportion. ``g`` is scaled by ``max|g|`` first, so
+    that a tiny non-zero gradient does not underflow to that case.
+    """
+    peak = g.abs().max()
+    if not peak > 0:
+        return float("nan")
+    u = g / peak
+    return float(((V.T @ u) ** 2).sum() / (u @ u))
 
 
 def eigenbasis_coefficients(g: Tensor, V: Tensor) -> Tensor:

@@ -205,11 +205,26 @@ def _check_type(key: str, value: Any, source: str) -> None:
         raise ConfigError(name, value, f"{want} (got {type(value).__name__})")
 
 
-def resolve_device(device: str) -> torch.device:
-    """``"auto"`` -> CUDA when available, else CPU; anything else is passed to ``torch.device``."""
+def resolve_device(device: str, param: str = "device") -> torch.device:
+    """``"auto"`` -> CUDA when available, else CPU; anything else is passed to ``torch.device``.
+
+    A CUDA device that this machine does not have (no CUDA build or driver, or an index past
+    ``torch.cuda.device_count()``) is refused with a :class:`ConfigError` naming ``param``, before
+    anything is allocated or written, instead of failing later inside PyTorch.
+    """
+    valid = "auto, cpu, cuda or cuda:<index>"
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
-        return torch.device(device)
-    except (RuntimeError, ValueError) as exc:
-        raise ConfigError("device", device, "auto, cpu, cuda or cuda:<index>") from exc
+        dev = torch.device(device)
+    except (RuntimeError, ValueError, TypeError) as exc:
+        raise ConfigError(param, device, valid) from exc
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ConfigError(
+                param, device, f"{valid} on a machine that has it", "CUDA is not available here."
+            )
+        count = torch.cuda.device_count()
+        if dev.index is not None and dev.index >= count:
+            raise ConfigError(param, device, f"cuda or cuda:<index> with index < {count}")
+    return dev

@@ -42,7 +42,6 @@ from tqdm.auto import tqdm
 from deepufm import __version__
 from deepufm.data import DATASETS, ClassificationData
 from deepufm.errors import ConfigError, DeepUFMError, DivergenceError
-from deepufm.metrics.collapse import class_means, nc1, orthogonal_frame_distance
 from deepufm.models.config import DTYPES
 from deepufm.models.resnet import (
     BN_MODES,
@@ -54,6 +53,7 @@ from deepufm.models.resnet import (
 from deepufm.models.ufm import DeepUFM
 from deepufm.training import rundir as rd
 from deepufm.training.config import halved_lr, probe_epochs
+from deepufm.training.probes import collapse_record
 
 LOSSES = ("mse", "ce")
 BN_TRAIN_MODES = ("batch", "frozen")
@@ -502,12 +502,7 @@ def collapse_probe(snap: NetworkSnapshot) -> dict[str, Any]:
     """NC1 and orthogonal-frame distance of the input of every head layer, ``[H_1, ..., H_L]``
     (``H_1`` = the backbone's features)."""
     head = snap.head()
-    K = head.config.K
-    Hs = head.features()[:-1]
-    return {
-        "nc1": [nc1(H, K) for H in Hs],
-        "orthogonal_frame_distance": [orthogonal_frame_distance(class_means(H, K)) for H in Hs],
-    }
+    return collapse_record(head.features()[:-1], head.config.K)
 
 
 DEFAULT_NETWORK_PROBES: tuple[NetworkProbe, ...] = (loss_probe, collapse_probe)

@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-from deepufm.metrics.collapse import class_means, nc1, orthogonal_frame_distance
+from deepufm.metrics.collapse import class_means, collapse_note, nc1, orthogonal_frame_distance
 from deepufm.models.ufm import DeepUFM
 from deepufm.training.gradients import loss_gradients
 
@@ -32,14 +32,23 @@ def loss_probe(model: DeepUFM, epoch: int) -> dict[str, Any]:
     }
 
 
-def collapse_probe(model: DeepUFM, epoch: int) -> dict[str, Any]:
-    """Per-layer NC1 and orthogonal-frame distance of the input features ``H_1 .. H_L``."""
-    K = model.config.K
-    Hs = model.features()[:-1]
-    return {
+def collapse_record(Hs: list[torch.Tensor], K: int) -> dict[str, Any]:
+    """NC1 and orthogonal-frame distance of each feature matrix in ``Hs``; where a layer's are
+    undefined (``nan``: zero or coinciding class means), ``nc1_note`` lists the reason per layer
+    (``None`` where defined). ``metrics.jsonl`` stores the ``nan`` as ``null``."""
+    record: dict[str, Any] = {
         "nc1": [nc1(H, K) for H in Hs],
         "orthogonal_frame_distance": [orthogonal_frame_distance(class_means(H, K)) for H in Hs],
     }
+    notes = [collapse_note(H, K) for H in Hs]
+    if any(notes):
+        record["nc1_note"] = notes
+    return record
+
+
+def collapse_probe(model: DeepUFM, epoch: int) -> dict[str, Any]:
+    """Per-layer NC1 and orthogonal-frame distance of the input features ``H_1 .. H_L``."""
+    return collapse_record(model.features()[:-1], model.config.K)
 
 
 DEFAULT_PROBES: tuple[Probe, ...] = (loss_probe, collapse_probe)

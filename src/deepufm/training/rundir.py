@@ -1,7 +1,8 @@
 """The run directory, a public contract (read by ``deepufm analyze`` and by users).
 
 * ``config.json``: ``{"deepufm_version", "model": UFMConfig fields, "training": TrainConfig fields}``;
-* ``metrics.jsonl``: one JSON object per probe (``epoch``, ``lr``, ``elapsed``, probe entries);
+* ``metrics.jsonl``: one JSON object per probe (``epoch``, ``lr``, ``elapsed``, probe entries;
+  an undefined metric is ``null``, with the reason under ``<name>_note``, e.g. ``nc1_note``);
 * ``checkpoint.pt``: the exact training state, written atomically (temp file, fsync, rename);
 * ``params.npz``: float arrays ``H1``, ``W1`` ... ``WL``, written only when the run completes.
 """
@@ -9,6 +10,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import tempfile
 from collections.abc import Callable
@@ -89,14 +91,30 @@ def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
     return records
 
 
+def json_record(record: Any) -> Any:
+    """``record`` with every non-finite float (an undefined metric such as the NC1 of coinciding
+    class means) replaced by ``None``: strict JSON has no NaN, and ``null`` is what readers get."""
+    if isinstance(record, float):
+        return record if math.isfinite(record) else None
+    if isinstance(record, dict):
+        return {k: json_record(v) for k, v in record.items()}
+    if isinstance(record, list | tuple):
+        return [json_record(v) for v in record]
+    return record
+
+
+def _metrics_line(record: dict[str, Any]) -> str:
+    return json.dumps(json_record(record), allow_nan=False) + "\n"
+
+
 def rewrite_metrics(run_dir: Path, records: list[dict[str, Any]]) -> None:
-    text = "".join(json.dumps(r) + "\n" for r in records)
+    text = "".join(_metrics_line(r) for r in records)
     atomic_write(Path(run_dir) / METRICS, lambda f: f.write(text), mode="w")
 
 
 def append_metrics(run_dir: Path, record: dict[str, Any]) -> None:
     with open(Path(run_dir) / METRICS, "a") as f:
-        f.write(json.dumps(record) + "\n")
+        f.write(_metrics_line(record))
         f.flush()
 
 
