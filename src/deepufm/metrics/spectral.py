@@ -88,13 +88,16 @@ def projection_proportion(g: Tensor, V: Tensor) -> float:
 
     ``nan`` when ``g = 0`` (e.g. at an exact optimum of the data loss): a zero gradient lies in
     no subspace, and 0/0 must not read as a proportion. ``g`` is scaled by ``max|g|`` first, so
-    that a tiny non-zero gradient does not underflow to that case.
+    that a tiny non-zero gradient does not underflow to that case. The projector is formed from a
+    float64 QR of ``V``: the same subspace, and a proportion that cannot exceed 1 by the
+    round-off of float32 vectors.
     """
     peak = g.abs().max()
     if not peak > 0:
         return float("nan")
-    u = g / peak
-    return float(((V.T @ u) ** 2).sum() / (u @ u))
+    u = (g / peak).to(torch.float64)
+    Q = torch.linalg.qr(V.to(torch.float64))[0]
+    return float(((Q.T @ u) ** 2).sum() / (u @ u))
 
 
 def eigenbasis_coefficients(g: Tensor, V: Tensor) -> Tensor:
