@@ -47,6 +47,18 @@ def register(sub) -> None:
         help="*-resnet only: images per class to train on, class-balanced (default: the "
         "preset's; the paper uses 5000)",
     )
+    p.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue the unfinished run of this experiment in --out from its checkpoints "
+        "(the default when --out holds it unfinished; a finished one is measured again)",
+    )
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="write into an --out that holds another kind of run or files deepufm did not "
+        "write: deepufm's own files there are replaced, the others left alone",
+    )
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=run)
 
@@ -75,6 +87,8 @@ def run(args: argparse.Namespace) -> int:
             progress=not args.quiet,
             data_dir=args.data_dir,
             per_class=args.per_class,
+            overwrite=args.overwrite,
+            resume=True if args.resume else None,
         )
         held = sum(r.holds for r in report.results)
         print(
