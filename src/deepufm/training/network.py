@@ -40,6 +40,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from deepufm import __version__
+from deepufm import validate as V
 from deepufm.data import DATASETS, ClassificationData
 from deepufm.errors import ConfigError, DeepUFMError, DivergenceError, Interrupted
 from deepufm.metrics.collapse import class_means, nc1, orthogonal_frame_distance
@@ -58,14 +59,6 @@ from deepufm.training.config import halved_lr, probe_epochs
 LOSSES = ("mse", "ce")
 BN_TRAIN_MODES = ("batch", "frozen")
 KIND = "network"
-
-
-def _is_int(v: Any) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
-
-
-def _is_number(v: Any) -> bool:
-    return isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v)
 
 
 @dataclass(frozen=True)
@@ -137,24 +130,24 @@ class NetworkTrainConfig:
         for name, valid in choices.items():
             if getattr(self, name) not in valid:
                 raise ConfigError(name, getattr(self, name), f"one of {', '.join(valid)}")
-        ints = {"epochs": 0, "d": 1, "L": 1, "blocks": 1, "seed": 0, "probes_per_decade": 1}
-        ints |= {"checkpoint_every": 1}
-        for name, lo in ints.items():
-            if not _is_int(getattr(self, name)) or getattr(self, name) < lo:
-                raise ConfigError(name, getattr(self, name), f"an integer >= {lo}")
+        set_ = lambda name, v: object.__setattr__(self, name, v)  # noqa: E731
+        ints = {"epochs": (0, V.MAX_EPOCHS), "d": (1, 2**31 - 1), "L": (1, 10_000)}
+        ints |= {"blocks": (1, 10_000), "seed": (0, V.MAX_SEED), "probes_per_decade": (1, 1000)}
+        ints |= {"checkpoint_every": (1, V.MAX_EPOCHS)}
+        for name, (lo, hi) in ints.items():
+            set_(name, V.integer(name, getattr(self, name), lo, hi))
         for name in ("per_class", "batch_size", "probe_batch_size"):
             v = getattr(self, name)
-            if v is not None and (not _is_int(v) or v < 1):
-                raise ConfigError(name, v, "a positive integer or None (all)")
-        if not _is_number(self.lr) or self.lr <= 0:
-            raise ConfigError("lr", self.lr, "a finite number > 0")
-        if not _is_number(self.width) or self.width <= 0:
-            raise ConfigError("width", self.width, "a number > 0")
-        if not _is_number(self.momentum) or not 0 <= self.momentum < 1:
-            raise ConfigError("momentum", self.momentum, "a number in [0, 1)")
+            if v is not None:
+                try:
+                    set_(name, V.integer(name, v, 1, 2**31 - 1))
+                except ConfigError:
+                    raise ConfigError(name, v, "a positive integer or None (all)") from None
+        set_("lr", V.number("lr", self.lr, 0, lo_open=True))
+        set_("width", V.number("width", self.width, 0, lo_open=True))
+        set_("momentum", V.number("momentum", self.momentum, 0, 1, hi_open=True))
         for name in ("lam", "lam_H", "weight_decay"):
-            if not _is_number(getattr(self, name)) or getattr(self, name) < 0:
-                raise ConfigError(name, getattr(self, name), "a finite number >= 0")
+            set_(name, V.number(name, getattr(self, name), 0))
         try:
             torch.device(self.device)
         except (RuntimeError, TypeError) as exc:
@@ -162,14 +155,7 @@ class NetworkTrainConfig:
                 "device", self.device, "a torch device: cpu, cuda, cuda:0 ..."
             ) from exc
         for name in ("lr_halve_at", "probe_at"):
-            values = getattr(self, name)
-            if not isinstance(values, list | tuple) or not all(
-                _is_int(v) and v >= 0 for v in values
-            ):
-                raise ConfigError(name, values, "a list of integer epochs >= 0")
-            object.__setattr__(self, name, tuple(sorted(set(values))))
-        for name in ("lr", "momentum", "lam", "lam_H", "weight_decay", "width"):
-            object.__setattr__(self, name, float(getattr(self, name)))
+            set_(name, V.epochs_list(name, getattr(self, name)))
 
     @property
     def torch_dtype(self) -> torch.dtype:

@@ -265,11 +265,37 @@ def load_params(run_dir: Path, config: UFMConfig | None = None, device=None) -> 
             f"{path} not found: params.npz is written when a run completes "
             f"(resume an unfinished run with `deepufm train --resume {run_dir}`)."
         )
-    with np.load(path) as arrays:
-        missing = [k for k in ["H1"] + [f"W{l}" for l in range(1, config.L + 1)] if k not in arrays]
-        if missing:
-            raise DeepUFMError(f"{path} lacks the arrays {missing} required by {CONFIG}.")
-        return DeepUFM.from_arrays(config, arrays, device=device)
+    manifest = mf.read_manifest(run_dir)
+    if manifest is not None and PARAMS not in manifest.files:
+        raise DeepUFMError(
+            f"{path} belongs to the run that the unfinished one in {run_dir} replaces, not to "
+            f"its {CONFIG}: finish the run first (`{mf.resume_hint(run_dir)}`)."
+        )
+    try:
+        with np.load(path, allow_pickle=False) as arrays:
+            names = ["H1"] + [f"W{l}" for l in range(1, config.L + 1)]
+            missing = [k for k in names if k not in arrays.files]
+            if missing:
+                raise DeepUFMError(f"{path} lacks the arrays {missing} required by {CONFIG}.")
+            loaded = {k: arrays[k] for k in names}
+    except DeepUFMError:
+        raise
+    except Exception as exc:  # not an .npz, a torn file, object arrays (pickles) ...
+        raise DeepUFMError(
+            f"{path} is not a readable params.npz of float arrays ({type(exc).__name__}: {exc})."
+        ) from None
+    for name, a in loaded.items():
+        if a.dtype.kind not in "fiu":
+            raise DeepUFMError(f"{path}: array {name} has dtype {a.dtype}, not a float type.")
+        if not np.isfinite(a).all():
+            raise DeepUFMError(
+                f"{path}: array {name} holds non-finite values (NaN or inf): the run diverged "
+                "or the file was damaged."
+            )
+    try:
+        return DeepUFM.from_arrays(config, loaded, device=device)
+    except ValueError as exc:
+        raise DeepUFMError(f"{path} does not match its {CONFIG}: {exc}.") from None
 
 
 @contextlib.contextmanager

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import bisect
 import math
+import os
 import time
 import warnings
 from collections.abc import Sequence
@@ -51,6 +52,12 @@ class TrainState:
     buffers: list[torch.Tensor] | None = None
     elapsed: float = 0.0
 
+    def __post_init__(self) -> None:
+        from deepufm import validate as V
+
+        self.epoch = V.integer("epoch", self.epoch, 0, V.MAX_EPOCHS)
+        self.elapsed = V.number("elapsed", self.elapsed, 0)
+
 
 @dataclass
 class TrainResult:
@@ -79,6 +86,14 @@ def train(
 
     model = state.model
     check_admissible(model.config, allow_trivial=cfg.allow_trivial)
+    if state.epoch > cfg.epochs:
+        from deepufm.errors import ConfigError
+
+        raise ConfigError(
+            "epoch",
+            state.epoch,
+            f"an epoch in [0, epochs={cfg.epochs}] (the state is past the end)",
+        )
     step = FusedStep(model.config, model.params, cfg.momentum, state.buffers)
     probe_at = probe_epochs(cfg.epochs, cfg.probes_per_decade, cfg.probe_at)
     stops = sorted(set(probe_at) | set(cfg.lr_halve_at))
@@ -244,7 +259,7 @@ def start_run(
     from deepufm.theory import check_admissible
 
     check_admissible(model_cfg, allow_trivial=train_cfg.allow_trivial)
-    check_device(model_cfg.device)
+    check_memory(model_cfg, check_device(model_cfg.device))
     run_dir = Path(run_dir)
     with rd.open_run(run_dir, "train", overwrite=overwrite):
         state = TrainState(DeepUFM.init(model_cfg))
@@ -272,6 +287,30 @@ def check_device(device: str, param: str = "device") -> torch.device:
     if dev.type not in ("cpu", "cuda"):
         raise ConfigError(param, device, "auto, cpu, cuda or cuda:<index>")
     return dev
+
+
+# Training holds the parameters, their gradients, momentum buffers and the layer features: about
+# this many copies of the parameters.
+MEMORY_COPIES = 4
+
+
+def check_memory(model_cfg: UFMConfig, device: torch.device) -> None:
+    """Refuse, before allocating, a model whose training cannot fit in the device's memory."""
+    from deepufm.errors import RunError
+
+    sizes = [(model_cfg.input_dim, model_cfg.N), *model_cfg.layer_shapes()]
+    itemsize = torch.empty((), dtype=model_cfg.torch_dtype).element_size()
+    need = MEMORY_COPIES * itemsize * sum(r * c for r, c in sizes)
+    if device.type == "cuda":
+        have = torch.cuda.mem_get_info(device)[1]
+    else:
+        have = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    if need > have:
+        raise RunError(
+            f"training this model (K={model_cfg.K}, n={model_cfg.n}, d={model_cfg.d}, "
+            f"L={model_cfg.L}, {model_cfg.dtype}) needs about {need / 2**30:.3g} GiB, more than "
+            f"the {have / 2**30:.3g} GiB of {device.type} memory here: choose a smaller d or n."
+        )
 
 
 def checkpoint_state(
