@@ -409,3 +409,42 @@ def test_train_resume_on_a_network_run_says_what_to_do(tmp_path, capsys):
     (out / "config.json").write_text(json.dumps({"kind": "network", "training": {}, "data": {}}))
     code, _, err = run_cli(capsys, "train", "--resume", out, "--quiet")
     assert code == 2 and "real-network run" in err and "resume=True" in err
+
+
+def _tiny_network():
+    from deepufm.data import ClassificationData
+    from deepufm.training import network as nw
+
+    gen = torch.Generator().manual_seed(0)
+    X = torch.randn(9, 1, 8, 8, generator=gen, dtype=torch.float64)
+    X += torch.arange(3, dtype=torch.float64).repeat_interleave(3).view(-1, 1, 1, 1)
+    data = ClassificationData(X, torch.arange(3).repeat_interleave(3), 3, "toy", ("0", "1", "2"))
+    config = nw.NetworkTrainConfig(
+        epochs=6, lr=0.05, d=4, L=3, width=0.25, blocks=1, lam=1e-2, lam_H=1e-3,
+        momentum=0.5, checkpoint_every=1,
+    )  # fmt: skip
+    return nw, config, data
+
+
+def test_network_trainer_falls_back_to_the_previous_checkpoint(tmp_path):
+    nw, config, data = _tiny_network()
+    ref = nw.train(config, data, tmp_path / "ref")
+    part = tmp_path / "part"
+    nw.train(config, data, part)
+    assert torch.load(part / "checkpoint.prev.pt", weights_only=True)["epoch"] == 5
+    (part / "checkpoint.pt").write_bytes(b"\x80garbage")
+    with pytest.warns(UserWarning, match=r"checkpoint\.pt is unreadable.*epoch 5"):
+        resumed = nw.train(config, data, part, resume=True)
+    assert resumed.epoch == 6
+    for key, value in ref.model.state_dict().items():
+        assert torch.equal(value, resumed.model.state_dict()[key]), key
+
+
+def test_network_trainer_refuses_another_kind_of_run(tmp_path, capsys):
+    nw, config, data = _tiny_network()
+    out = tmp_path / "r"
+    assert run_cli(capsys, "train", *SMALL, "--epochs", "3", "--out", out)[0] == 0
+    before = snapshot(out)
+    with pytest.raises(Exception, match="a train run"):
+        nw.train(config, data, out)
+    assert snapshot(out) == before

@@ -23,7 +23,7 @@ MAX_SEED = 2**64 - 1
 
 def _range_text(kind: str, lo, hi, lo_open: bool, hi_open: bool) -> str:
     if lo is not None and hi is not None:
-        return f"{kind} in {'(' if lo_open else '['}{lo}, {hi}{')' if hi_open else ']'}"
+        return f"{kind} {'>' if lo_open else '>='} {lo} and {'<' if hi_open else '<='} {hi}"
     if lo is not None:
         return f"{kind} {'>' if lo_open else '>='} {lo}"
     if hi is not None:
