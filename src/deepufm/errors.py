@@ -67,3 +67,25 @@ class UncertifiedError(DeepUFMError, RuntimeError):
             f"the top {k} eigenpairs from {method} could not be certified: {reason}. Tighten "
             "tol, raise block or max_basis, or use the dense route for small matrices."
         )
+
+
+class RunError(DeepUFMError, RuntimeError):
+    """A run failed for a reason outside its input: a full disk, a read-only target, memory.
+
+    The command line exits with status 1 (bad input: 2).
+    """
+
+
+class Interrupted(DeepUFMError):
+    """SIGINT or SIGTERM stopped training after a checkpoint was written.
+
+    ``exit_code`` is ``128 + signal number`` (130 for SIGINT, 143 for SIGTERM).
+    """
+
+    def __init__(self, signum: int, epoch: int, where: str) -> None:
+        import signal
+
+        self.signum, self.epoch = signum, epoch
+        self.exit_code = 128 + signum
+        name = signal.Signals(signum).name
+        super().__init__(f"interrupted by {name} at epoch {epoch}; {where}")

@@ -1,19 +1,25 @@
 """The ``deepufm`` command line: one module per subcommand, each with ``register(subparsers)``.
 
 A subcommand module defines ``register(subparsers)``, which adds its parser and sets
-``func=run`` (``run(args) -> int``). Errors deepufm raises on purpose (``DeepUFMError``) are printed
-as one paragraph without a traceback, with exit status 2.
+``func=run`` (``run(args) -> int``). Every error is printed as one paragraph without a traceback.
+
+Exit status: 0 success; 2 bad input (``ConfigError`` and the other ``DeepUFMError`` types, a
+diverged run); 1 a runtime failure (``RunError``: full disk, read-only target, out of memory);
+130 / 143 interrupted by SIGINT / SIGTERM after writing a checkpoint (``Interrupted``).
 """
 
 from __future__ import annotations
 
 import argparse
+import errno
 import importlib
+import os
 import sys
 import textwrap
+import warnings
 
 from deepufm import __version__
-from deepufm.errors import DeepUFMError
+from deepufm.errors import DeepUFMError, Interrupted, RunError
 
 # Subcommand modules, in the order `deepufm --help` lists them.
 COMMANDS = ("train", "theory", "analyze", "run")
@@ -36,21 +42,74 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _say(command: str, kind: str, message: object) -> None:
+    # Paths and commands stay whole (copy-pasteable): no breaks at hyphens or inside words.
+    text = textwrap.fill(
+        f"deepufm {command}: {kind}: {message}",
+        width=100,
+        break_on_hyphens=False,
+        break_long_words=False,
+    )
+    print(text, file=sys.stderr)
+
+
+def _is_out_of_memory(exc: BaseException) -> bool:
+    if isinstance(exc, MemoryError):
+        return True
+    text = str(exc)
+    return isinstance(exc, RuntimeError) and (
+        "out of memory" in text or "not enough memory" in text or "allocate" in text
+    )
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
+    command = args.command
+
+    def show(message, category, filename, lineno, file=None, line=None):
+        _say(command, "warning", message)
+
+    old_show, warnings.showwarning = warnings.showwarning, show
     try:
         return int(args.func(args) or 0)
+    except Interrupted as exc:
+        _say(command, "stopped", exc)
+        return exc.exit_code
+    except RunError as exc:
+        _say(command, "error", exc)
+        return 1
     except DeepUFMError as exc:
-        msg = textwrap.fill(f"deepufm {args.command}: error: {exc}", width=100)
-        print(msg, file=sys.stderr)
+        _say(command, "error", exc)
         return 2
     except KeyboardInterrupt:
-        print(f"deepufm {args.command}: interrupted", file=sys.stderr)
+        _say(command, "error", "interrupted (nothing was being trained, no checkpoint written)")
         return 130
+    except BrokenPipeError:
+        # The reader went away (`deepufm run --list | head`): not an error of ours.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return 0
+    except OSError as exc:
+        where = f" ({exc.filename})" if exc.filename else ""
+        code = errno.errorcode.get(exc.errno or 0, "")
+        _say(command, "error", f"{exc.strerror or exc}{where} [{code}]")
+        return 1
+    except Exception as exc:
+        if not _is_out_of_memory(exc):
+            raise
+        _say(
+            command,
+            "error",
+            f"out of memory ({str(exc).splitlines()[0][:300]}). Choose a smaller problem "
+            "(d, n, K, per-class) or a device with more memory.",
+        )
+        return 1
+    finally:
+        warnings.showwarning = old_show
 
 
 if __name__ == "__main__":  # pragma: no cover

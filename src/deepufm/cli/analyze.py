@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 
-from deepufm.errors import ConfigError
+from deepufm import validate as V
 from deepufm.metrics.layer_report import layer_report
 from deepufm.models.config import resolve_device
 from deepufm.training.probes import loss_probe
@@ -73,14 +73,15 @@ def analyze(
     device="cpu",
 ) -> dict:
     """The public JSON contract of ``deepufm analyze --json``."""
+    # Every option is checked before the (possibly large) parameters are read.
+    if rank_rtol is not None:
+        rank_rtol = V.number("--rank-rtol", rank_rtol, 0, 1, hi_open=True)
+    relu_tol = V.number("--relu-tol", relu_tol, 0)
+    zero_below = V.number("--zero-below", zero_below, 0)
     model = load_params(run_dir, device=resolve_device(device, "--device"))
     L = model.config.L
     layers = list(range(1, L + 1)) if not layers else layers
-    for l in layers:
-        if not 1 <= l <= L:
-            raise ConfigError("--layer", l, f"an integer in [1, L={L}]")
-    if zero_below < 0:
-        raise ConfigError("--zero-below", zero_below, "a number >= 0")
+    layers = [V.integer("--layer", l, 1, L) for l in layers]
     model = model.zeroed(zero_below)
     with torch.no_grad():
         totals = loss_probe(model, 0)

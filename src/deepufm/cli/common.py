@@ -92,10 +92,14 @@ def given(args: argparse.Namespace, keys) -> dict[str, Any]:
 
 def read_toml(path: str | Path) -> dict[str, Any]:
     path = Path(path)
+    if path.is_dir():
+        raise ConfigError("--config", str(path), "a TOML file", "It is a directory.")
     try:
         with open(path, "rb") as f:
             return tomllib.load(f)
     except FileNotFoundError as exc:
         raise ConfigError("--config", str(path), "an existing TOML file") from exc
-    except tomllib.TOMLDecodeError as exc:
+    except OSError as exc:
+        raise ConfigError("--config", str(path), "a readable TOML file", exc.strerror) from exc
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
         raise ConfigError("--config", str(path), "a valid TOML file", str(exc)) from exc

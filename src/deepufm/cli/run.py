@@ -53,6 +53,18 @@ def register(sub) -> None:
         "deep-UFM experiments; for *-resnet cpu with quick, cuda with paper); a CUDA device this "
         "machine lacks is refused before anything is written",
     )
+    p.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue the unfinished run of this experiment in --out from its checkpoints "
+        "(the default when --out holds it unfinished; a finished one is measured again)",
+    )
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="write into an --out that holds another kind of run or files deepufm did not "
+        "write: deepufm's own files there are replaced, the others left alone",
+    )
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=run)
 
@@ -82,6 +94,8 @@ def run(args: argparse.Namespace) -> int:
             data_dir=args.data_dir,
             per_class=args.per_class,
             device=args.device,
+            overwrite=args.overwrite,
+            resume=True if args.resume else None,
         )
         held = sum(r.holds for r in report.results)
         print(

@@ -16,15 +16,14 @@ import torch
 
 from deepufm.experiments import plotting as P
 from deepufm.experiments.checks import TRAINED_RANK_RTOL
-from deepufm.experiments.report import Report, clear_outputs, markdown_table, write_report
+from deepufm.experiments.report import Report, markdown_table, write_report
 from deepufm.experiments.results import Result, compare, write_results
+from deepufm.experiments.runs import train_ufm
 from deepufm.matrices import layer_hessian, numerical_rank
 from deepufm.models.config import UFMConfig
-from deepufm.models.ufm import DeepUFM
 from deepufm.theory import ce_constants, check_admissible
-from deepufm.training import rundir as rd
 from deepufm.training.config import TrainConfig
-from deepufm.training.trainer import TrainState, train
+from deepufm.training.probes import DEFAULT_PROBES
 
 
 def preset(name: str) -> tuple[UFMConfig, TrainConfig, float]:
@@ -33,20 +32,24 @@ def preset(name: str) -> tuple[UFMConfig, TrainConfig, float]:
     return model, TrainConfig(lr=1.0, epochs=epochs, probes_per_decade=10), 1e-6
 
 
-def run(preset_name: str, out: Path, progress: bool = True, device: str | None = None) -> Report:
+def run(
+    preset_name: str,
+    out: Path,
+    progress: bool = True,
+    device: str | None = None,
+    resume: bool = False,
+) -> Report:
+    """Train (or, with ``resume``, continue) the preset's model into ``out``, then measure."""
     cfg, tcfg, tol = preset(preset_name)
     if device is not None:
         cfg = replace(cfg, device=device)
     check_admissible(cfg)
-    rd.prepare_new_run(out, overwrite=True)
-    clear_outputs(out)
-    rd.write_config(out, cfg, tcfg)
-    result = train(TrainState(DeepUFM.init(cfg)), tcfg, out, progress=progress)
+    result, records = train_ufm(out, cfg, tcfg, DEFAULT_PROBES, progress, resume)
     model, k, K = result.model, ce_constants(cfg), cfg.K
     Z = model.output().reshape(K, K, cfg.n).mean(dim=2)  # logit class means, (K outputs, K classes)
     alpha_measured = float(Z.diagonal().mean() - (Z.sum() - Z.diagonal().sum()) / (K * (K - 1)))
     results: list[Result] = [
-        compare("total loss", "v2 Def. 3 / §8", None, k.loss, result.records[-1]["loss"], tol),
+        compare("total loss", "v2 Def. 3 / §8", None, k.loss, records[-1]["loss"], tol),
         compare("logit scale alpha", "v2 eq. 9", None, k.alpha, alpha_measured, tol),
     ]
     spectra = {}
@@ -90,7 +93,7 @@ def run(preset_name: str, out: Path, progress: bool = True, device: str | None =
         title="Deep linear UFM (cross-entropy): the Theorem 9 spectrum",
         summary=(
             f"K={K}, n={cfg.n}, d={cfg.d}, L={cfg.L}, lambda={cfg.lam}, lr={tcfg.lr}, {tcfg.epochs} "
-            f"epochs (preset '{preset_name}'). Final loss {result.records[-1]['loss']:.10g}, CE DNC "
+            f"epochs (preset '{preset_name}'). Final loss {records[-1]['loss']:.10g}, CE DNC "
             f"loss {k.loss:.10g}."
         ),
         figures=figures,

@@ -16,15 +16,13 @@ import numpy as np
 from deepufm.experiments import plotting as P
 from deepufm.experiments.checks import layer_predictions
 from deepufm.experiments.probes import SpectralProbe
-from deepufm.experiments.report import Report, clear_outputs, markdown_table, write_report
+from deepufm.experiments.report import Report, markdown_table, write_report
 from deepufm.experiments.results import write_results
+from deepufm.experiments.runs import train_ufm
 from deepufm.models.config import UFMConfig
-from deepufm.models.ufm import DeepUFM
 from deepufm.theory import check_admissible, dnc_constants
-from deepufm.training import rundir as rd
 from deepufm.training.config import TrainConfig
 from deepufm.training.probes import DEFAULT_PROBES
-from deepufm.training.trainer import TrainState, train
 
 
 @dataclass(frozen=True)
@@ -48,20 +46,24 @@ def preset(name: str) -> Preset:
     return Preset(model, train_cfg, 3, (0, 10, 100, 1000, 6000), 1e-6)
 
 
-def run(preset_name: str, out: Path, progress: bool = True, device: str | None = None) -> Report:
+def run(
+    preset_name: str,
+    out: Path,
+    progress: bool = True,
+    device: str | None = None,
+    resume: bool = False,
+) -> Report:
+    """Train (or, with ``resume``, continue) the preset's model into ``out``, then measure."""
     pre = preset(preset_name)
     if device is not None:  # every model of the run (and its matrices) lives there
         pre = replace(pre, model=replace(pre.model, device=device))
     cfg, tcfg, l = pre.model, pre.training, pre.layer
     check_admissible(cfg)
-    rd.prepare_new_run(out, overwrite=True)
-    clear_outputs(out)
-    rd.write_config(out, cfg, tcfg)
     probe = SpectralProbe(layer=l, snapshot_epochs=pre.snapshots)
-    result = train(TrainState(DeepUFM.init(cfg)), tcfg, out, (*DEFAULT_PROBES, probe), progress)
+    result, records = train_ufm(out, cfg, tcfg, (*DEFAULT_PROBES, probe), progress, resume, probe)
     probe.save(out / "spectra.npz")
     k = dnc_constants(cfg)
-    figures = _figures(out / "figures", result.records, probe.snapshots, cfg, l, k)
+    figures = _figures(out / "figures", records, probe.snapshots, cfg, l, k)
     results = layer_predictions(result.model, k, pre.tolerance)
     write_results(out / "results.json", results)
     report = Report(
@@ -71,7 +73,7 @@ def run(preset_name: str, out: Path, progress: bool = True, device: str | None =
             f"{tcfg.epochs} epochs of full-batch gradient descent from N(0, 1/d) (preset "
             f"'{preset_name}'; THEORY §10 v1 values, lr and initialisation provisional). Figures "
             f"show layer {l}; the table checks every layer at the final epoch. Final loss "
-            f"{result.records[-1]['loss']:.10g} (optimum {k.loss:.10g})."
+            f"{records[-1]['loss']:.10g} (optimum {k.loss:.10g})."
         ),
         figures=figures,
         tables=[

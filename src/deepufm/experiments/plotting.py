@@ -31,14 +31,21 @@ def new_figure(ncols: int = 1, nrows: int = 1, width: float = 4.2, height: float
 
 
 def save(fig, out_dir: Path, name: str) -> Path:
-    """Write ``name.png`` and ``name.pdf`` into ``out_dir``; returns the PNG path."""
+    """Write ``name.png`` and ``name.pdf`` into ``out_dir``, each atomically; returns the PNG
+    path."""
+    from deepufm.training.rundir import atomic_write
+
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    with plt.rc_context(STYLE):
-        fig.tight_layout()
-        fig.savefig(out_dir / f"{name}.png")
-        fig.savefig(out_dir / f"{name}.pdf")
-    plt.close(fig)
+    try:
+        with plt.rc_context(STYLE):
+            fig.tight_layout()
+            for fmt in ("png", "pdf"):
+                atomic_write(
+                    out_dir / f"{name}.{fmt}", lambda f, fmt=fmt: fig.savefig(f, format=fmt)
+                )
+    finally:
+        plt.close(fig)
     return out_dir / f"{name}.png"
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -32,7 +33,8 @@ from deepufm.models.ufm import DeepUFM
 class SpectralProbe:
     """At each probe: for ``layer``, the top Hessian eigenvalues, ``f_cc'``, ``gamma_cc'``, the
     knockouts and the top ``W^T W`` eigenvalues go into ``metrics.jsonl``; at ``snapshot_epochs``
-    the full spectra are kept in ``snapshots`` (written by the experiment as ``spectra.npz``).
+    the full spectra are kept in ``snapshots`` (written to ``path``, ``spectra.npz``, as each is
+    taken, so that a resumed run keeps them: :meth:`load`).
 
     ReLU models (THEORY §7): pre-activations ``>= -relu_tol * max|u|`` count as non-negative
     (sigma'(0) = 1), also in ``negative_fraction``; with ``zero_below > 0`` the measurements are
@@ -44,6 +46,7 @@ class SpectralProbe:
     relu_tol: float = 0.0
     zero_below: float = 0.0
     snapshots: dict[int, dict[str, np.ndarray]] = field(default_factory=dict)
+    path: Path | None = None  # where every new snapshot is saved at once (``spectra.npz``)
 
     def __call__(self, model: DeepUFM, epoch: int) -> dict[str, Any]:
         K, l = model.config.K, self.layer
@@ -90,8 +93,29 @@ class SpectralProbe:
                     .numpy(),
                     "feature_gram": feature_gram(model, l).eigvalsh().cpu().numpy(),
                 }
+            if self.path is not None:
+                self.save(self.path)  # at once: a resumed run needs the earlier snapshots
         return out
 
     def save(self, path) -> None:
+        """Every snapshot as ``spectra.npz`` (arrays ``e<epoch>_<matrix>``), atomically."""
+        from deepufm.training.rundir import atomic_write
+
         arrays = {f"e{e}_{k}": v for e, d in self.snapshots.items() for k, v in d.items()}
-        np.savez(path, **arrays)
+        atomic_write(Path(path), lambda f: np.savez(f, **arrays))
+
+    def load(self, path, before_epoch: int) -> None:
+        """Restore the snapshots of epochs before ``before_epoch`` from a :meth:`save`d file (a
+        resumed run recomputes the later ones)."""
+        path = Path(path)
+        if not path.is_file():
+            return
+        try:
+            with np.load(path) as arrays:
+                for key in arrays.files:
+                    head, _, matrix = key.partition("_")
+                    epoch = int(head[1:])
+                    if epoch < before_epoch:
+                        self.snapshots.setdefault(epoch, {})[matrix] = arrays[key]
+        except (OSError, ValueError, KeyError):
+            pass  # unreadable: its snapshots are lost, the figures show the ones recomputed

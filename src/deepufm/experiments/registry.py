@@ -31,7 +31,8 @@ class Item:
 class Experiment:
     name: str
     description: str
-    # module defining `run(preset: str, out: Path, progress: bool, ..., device=None) -> Report`
+    # module defining `run(preset: str, out: Path, progress: bool, device=None, resume=False,
+    # ...) -> Report`; with `resume` it continues the unfinished run in `out` (held for it)
     module: str
     items: tuple[Item, ...]
     # Extra keyword arguments of `run` (e.g. which data set); `needs_data` experiments also take
@@ -149,13 +150,24 @@ def run_experiment(
     data_dir: str | None = None,
     per_class: int | None = None,
     device: str | None = None,
+    overwrite: bool = False,
+    resume: bool | None = None,
 ):
-    """Run experiment ``name`` with ``preset`` into ``out``.
+    """Run experiment ``name`` into ``out`` (one writer at a time).
 
     ``device`` (``auto``, ``cpu``, ``cuda``, ``cuda:N``; ``None``: the preset's — ``auto`` for the
     deep-UFM experiments, ``cpu`` for quick and ``cuda`` for paper real-network runs) is resolved
     and checked here, so a CUDA device this machine lacks is refused before anything is written.
+
+    ``out`` may be new or empty, or hold this same experiment and preset: unfinished, it is
+    continued from its checkpoints (``resume=None``, the default, or ``True``); finished, it is
+    run again (``resume=None``) and only the files deepufm wrote there are replaced. Anything else
+    (another kind of run, files deepufm did not write) needs ``overwrite``, and files deepufm did
+    not write are left alone even then.
     """
+    from deepufm.training import manifest as mf
+    from deepufm.training import rundir as rd
+
     exp = EXPERIMENTS[name]
     kwargs = dict(exp.options)
     if device is not None:
@@ -167,4 +179,18 @@ def run_experiment(
         raise ConfigError(
             "--per-class", per_class, "only for the real-network experiments (*-resnet)"
         )
-    return exp.runner()(preset, Path(out), progress, **kwargs)
+    out, owner = Path(out), f"{name}/{preset}"
+    old = mf.read_manifest(out) if out.is_dir() else None
+    same = old is not None and (old.kind, old.name) == ("experiment", owner)
+    if resume and not same:
+        raise ConfigError(
+            "--resume",
+            str(out),
+            f"a directory holding a {name} run with preset {preset}",
+            "Run without --resume to start it.",
+        )
+    cont = bool(resume) or (resume is None and not overwrite and same and not old.complete)
+    with rd.open_run(out, "experiment", owner, overwrite=overwrite, resume=cont, rerun=True) as r:
+        report = exp.runner()(preset, out, progress, resume=r, **kwargs)
+        mf.finish(out)
+    return report

@@ -29,8 +29,9 @@ from deepufm.experiments import plotting as P
 from deepufm.experiments.checks import layer_predictions
 from deepufm.experiments.linear_ufm import EARLY
 from deepufm.experiments.probes import SpectralProbe
-from deepufm.experiments.report import Report, clear_outputs, write_report, write_table
+from deepufm.experiments.report import Report, write_report, write_table
 from deepufm.experiments.results import Result, compare, write_results
+from deepufm.experiments.runs import train_ufm
 from deepufm.matrices import data_gradient, layer_hessian
 from deepufm.metrics import eigenbasis_coefficients
 from deepufm.metrics.nc3 import nc3_alignment
@@ -39,7 +40,6 @@ from deepufm.models.config import UFMConfig
 from deepufm.models.ufm import DeepUFM
 from deepufm.theory import check_admissible, dnc_constants
 from deepufm.theory.constants import DNCConstants
-from deepufm.training import rundir as rd
 from deepufm.training.config import TrainConfig
 from deepufm.training.probes import DEFAULT_PROBES
 from deepufm.training.trainer import TrainState, train
@@ -69,17 +69,21 @@ def preset(name: str) -> Preset:
     return Preset(model, training, model.L - 1, snaps, 1e-5, 0.0, tol, 6000)
 
 
-def run(preset_name: str, out: Path, progress: bool = True, device: str | None = None) -> Report:
+def run(
+    preset_name: str,
+    out: Path,
+    progress: bool = True,
+    device: str | None = None,
+    resume: bool = False,
+) -> Report:
+    """Train (or, with ``resume``, continue) the preset's model into ``out``, then measure."""
     pre = preset(preset_name)
     if device is not None:  # every model of the run (and its matrices) lives there
         pre = replace(pre, model=replace(pre.model, device=device))
     cfg, tcfg, l = pre.model, pre.training, pre.layer
     check_admissible(cfg)
-    rd.prepare_new_run(out, overwrite=True)
-    clear_outputs(out)
-    rd.write_config(out, cfg, tcfg)
     probe = SpectralProbe(l, pre.snapshots, relu_tol=pre.relu_tol, zero_below=pre.zero_below)
-    result = train(TrainState(DeepUFM.init(cfg)), tcfg, out, (*DEFAULT_PROBES, probe), progress)
+    result, records = train_ufm(out, cfg, tcfg, (*DEFAULT_PROBES, probe), progress, resume, probe)
     probe.save(out / "spectra.npz")
     model = result.model.zeroed(pre.zero_below)
     k = dnc_constants(cfg)
@@ -93,15 +97,15 @@ def run(preset_name: str, out: Path, progress: bool = True, device: str | None =
             "v2 Thm 8 / Def. 2",
             None,
             k.loss,
-            result.records[-1]["loss"],
+            records[-1]["loss"],
             pre.tolerance,
         ),
         *_negative_results(negative, pre.tolerance),
         *layer_predictions(model, k, pre.tolerance, relu_tol=pre.relu_tol, notes=notes),
     ]
     write_results(out / "results.json", results)
-    tables = _tables(out, model, reference, pre, result.records[-1])
-    figures = _figures(out / "figures", result.records, probe.snapshots, cfg, l, k)
+    tables = _tables(out, model, reference, pre, records[-1])
+    figures = _figures(out / "figures", records, probe.snapshots, cfg, l, k)
     applies = [m for m in range(1, cfg.L + 1) if m not in notes]
     report = Report(
         title="Deep ReLU UFM (MSE): theory vs measurement",
@@ -113,7 +117,7 @@ def run(preset_name: str, out: Path, progress: bool = True, device: str | None =
             + (f"; parameters below {pre.zero_below:g} zeroed" if pre.zero_below else "")
             + f". Figures show layer {l}. The linear predictions (Theorem 7) apply at layers "
             f"{', '.join(map(str, applies)) or 'none'}; final loss "
-            f"{result.records[-1]['loss']:.10g} (linear DNC optimum {k.loss:.10g})."
+            f"{records[-1]['loss']:.10g} (linear DNC optimum {k.loss:.10g})."
         ),
         figures=figures,
         tables=tables,

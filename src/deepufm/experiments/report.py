@@ -5,12 +5,13 @@ from __future__ import annotations
 import base64
 import csv
 import html
-import shutil
+import io
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from deepufm.experiments.results import Result
+from deepufm.training.rundir import write_text
 
 
 @dataclass
@@ -30,34 +31,21 @@ def markdown_table(header: Sequence[str], rows: Sequence[Sequence[object]]) -> s
     return "\n".join(lines)
 
 
-OUTPUTS = ("figures", "tables", "results.json", "report.md", "report.html", "spectra.npz")
-
-
-def clear_outputs(out_dir: Path) -> None:
-    """Remove an earlier run's experiment outputs (not its training files), so that a rerun into
-    the same directory never shows a stale figure or table beside the new ones."""
-    out_dir = Path(out_dir)
-    for name in OUTPUTS:
-        path = out_dir / name
-        if path.is_dir():
-            shutil.rmtree(path)
-        else:
-            path.unlink(missing_ok=True)
-
-
 def write_table(
     out_dir: Path, name: str, header: Sequence[str], rows: Sequence[Sequence[object]]
 ) -> str:
     """Write a paper table as ``tables/<name>.md`` and ``tables/<name>.csv`` (full precision);
-    returns the Markdown for the report."""
+    returns the Markdown for the report. Both are written atomically (a rerun's stale tables
+    are removed by the run directory's manifest, :func:`deepufm.training.manifest.finish`)."""
     table_dir = Path(out_dir) / "tables"
     table_dir.mkdir(parents=True, exist_ok=True)
     md = markdown_table(header, rows)
-    (table_dir / f"{name}.md").write_text(md + "\n")
-    with open(table_dir / f"{name}.csv", "w", newline="") as fh:
-        writer = csv.writer(fh)
-        writer.writerow(header)
-        writer.writerows([[repr(v) if isinstance(v, float) else v for v in row] for row in rows])
+    write_text(table_dir / f"{name}.md", md + "\n")
+    buf = io.StringIO(newline="")
+    writer = csv.writer(buf)
+    writer.writerow(header)
+    writer.writerows([[repr(v) if isinstance(v, float) else v for v in row] for row in rows])
+    write_text(table_dir / f"{name}.csv", buf.getvalue())
     return md
 
 
@@ -120,8 +108,8 @@ def write_report(out_dir: Path, report: Report) -> tuple[Path, Path]:
                 f"![{fid}]({png.relative_to(out_dir).as_posix()})",
                 "",
             ]
-    (out_dir / "report.md").write_text("\n".join(md))
-    (out_dir / "report.html").write_text(_html(out_dir, report, held))
+    write_text(out_dir / "report.md", "\n".join(md))
+    write_text(out_dir / "report.html", _html(out_dir, report, held))
     return out_dir / "report.md", out_dir / "report.html"
 
 

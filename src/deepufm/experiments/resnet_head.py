@@ -24,7 +24,7 @@ from deepufm.errors import ConfigError
 from deepufm.experiments import plotting as P
 from deepufm.experiments.checks import TRAINED_RANK_RTOL
 from deepufm.experiments.probes import SpectralProbe
-from deepufm.experiments.report import Report, clear_outputs, write_report, write_table
+from deepufm.experiments.report import Report, write_report, write_table
 from deepufm.experiments.results import Result, compare, write_results
 from deepufm.matrices import block_hessian, layer_hessian, module_hessian, weight_gram
 from deepufm.matrices.lanczos import lanczos_topk, rademacher
@@ -35,6 +35,7 @@ from deepufm.models.config import resolve_device
 from deepufm.models.resnet import batch_data_loss, curvature_mode
 from deepufm.models.ufm import DeepUFM
 from deepufm.training import network as net
+from deepufm.training import rundir as rd
 
 DATASETS = {
     "mnist-resnet": "mnist-embedded",
@@ -168,7 +169,9 @@ def run(
     data_dir: str | None = None,
     per_class: int | None = None,
     device: str | None = None,
+    resume: bool = False,
 ) -> Report:
+    """Train (or, with ``resume``, continue) the preset's network into ``out``, then measure."""
     pre = preset(preset_name, DATASETS[experiment])
     if per_class is not None:
         # images per class to train on (the paper: 5,000), validated by the training config
@@ -188,19 +191,19 @@ def run(
         ) from exc
     data = net.load_network_data(cfg, data_dir)
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    clear_outputs(out)
-    spectral = SpectralProbe(l, pre.snapshots)
+    spectral = SpectralProbe(l, pre.snapshots, path=out / "spectra.npz")
+    if resume:  # snapshots past the checkpoint are recomputed (identically) and replaced
+        spectral.load(out / "spectra.npz", before_epoch=cfg.epochs + 1)
     state = net.train(
         cfg,
         data,
         out,
         (*net.DEFAULT_NETWORK_PROBES, head_probe(spectral)),
         progress=progress,
-        overwrite=True,
+        resume=resume,
     )
     spectral.save(out / "spectra.npz")
-    records = state.records
+    records = rd.read_metrics(out)
     head = net.NetworkSnapshot(state.model, data, cfg, state.epoch).head().to(dtype=torch.float64)
     K = head.config.K
     k = pre.full_hessian_k or K * K

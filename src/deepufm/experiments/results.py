@@ -55,7 +55,10 @@ def compare(
 
 
 def write_results(path: Path, results: list[Result]) -> None:
-    Path(path).write_text(json.dumps([asdict(r) for r in results], indent=2) + "\n")
+    """``results.json``, written atomically (a kill or a full disk keeps the previous one)."""
+    from deepufm.training.rundir import write_text
+
+    write_text(Path(path), json.dumps([asdict(r) for r in results], indent=2) + "\n")
 
 
 def read_results(path: Path) -> list[Result]:

@@ -8,25 +8,18 @@ from typing import Any
 
 import torch
 
+from deepufm import validate as V
 from deepufm.errors import ConfigError
 
 ACTIVATIONS = ("linear", "relu")
 LOSSES = ("mse", "ce")
 DTYPES = {"float64": torch.float64, "float32": torch.float32}
 DEFAULT_LAM = 1e-2
-
-
-def _check_int(name: str, value: Any, minimum: int, valid: str | None = None) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ConfigError(name, value, valid or f"an integer >= {minimum}")
+MAX_SIZE = 2**31 - 1
 
 
 def _check_nonneg(name: str, value: Any) -> float:
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        raise ConfigError(name, value, "a finite number >= 0")
-    if not math.isfinite(value) or value < 0:
-        raise ConfigError(name, value, "a finite number >= 0")
-    return float(value)
+    return V.number(name, value, 0)
 
 
 @dataclass(frozen=True)
@@ -68,18 +61,23 @@ class UFMConfig:
     d_in: int | None = None
 
     def __post_init__(self) -> None:
-        _check_int("K", self.K, 2)
-        _check_int("n", self.n, 1)
-        _check_int("L", self.L, 1)
-        if isinstance(self.d, bool) or not isinstance(self.d, int) or self.d < self.K:
+        set_ = lambda name, v: object.__setattr__(self, name, v)  # noqa: E731
+        # Sizes beyond 2**31 cannot be allocated anyway; the bound keeps the messages exact.
+        for name, lo in (("K", 2), ("n", 1), ("L", 1)):
+            set_(name, V.integer(name, getattr(self, name), lo, MAX_SIZE))
+        try:
+            set_("d", V.integer("d", self.d, self.K, MAX_SIZE))
+        except ConfigError:
             raise ConfigError(
                 "d", self.d, f"an integer >= K={self.K} (the width must hold K classes)"
-            )
+            ) from None
         if self.d_in is not None:
-            if isinstance(self.d_in, bool) or not isinstance(self.d_in, int) or self.d_in < self.K:
+            try:
+                set_("d_in", V.integer("d_in", self.d_in, self.K, MAX_SIZE))
+            except ConfigError:
                 raise ConfigError(
                     "d_in", self.d_in, f"an integer >= K={self.K}, or None for d_in = d"
-                )
+                ) from None
             if self.d_in == self.d:
                 # One spelling per model, so that equal models compare and serialise equal.
                 object.__setattr__(self, "d_in", None)
@@ -89,7 +87,7 @@ class UFMConfig:
             raise ConfigError("loss", self.loss, f"one of {', '.join(LOSSES)}")
         if self.dtype not in DTYPES:
             raise ConfigError("dtype", self.dtype, f"one of {', '.join(DTYPES)}")
-        _check_int("seed", self.seed, 0)
+        set_("seed", V.integer("seed", self.seed, 0, V.MAX_SEED))
         if not isinstance(self.device, str) or not self.device:
             raise ConfigError("device", self.device, "a torch device string such as cpu or cuda")
         init_std = 1.0 / math.sqrt(self.d) if self.init_std is None else self.init_std

@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-import math
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from deepufm.errors import ConfigError
+from deepufm import validate as V
 
 
 @dataclass(frozen=True)
@@ -38,26 +37,18 @@ class TrainConfig:
     allow_trivial: bool = False
 
     def __post_init__(self) -> None:
-        if not _is_number(self.lr) or not math.isfinite(self.lr) or self.lr <= 0:
-            raise ConfigError("lr", self.lr, "a finite number > 0")
-        if not _is_number(self.momentum) or not 0 <= self.momentum < 1:
-            raise ConfigError("momentum", self.momentum, "a number in [0, 1)")
-        if not _is_int(self.epochs) or self.epochs < 0:
-            raise ConfigError("epochs", self.epochs, "an integer >= 0")
-        if not _is_int(self.probes_per_decade) or self.probes_per_decade < 1:
-            raise ConfigError("probes_per_decade", self.probes_per_decade, "an integer >= 1")
-        if not _is_number(self.checkpoint_every) or not self.checkpoint_every > 0:
-            raise ConfigError("checkpoint_every", self.checkpoint_every, "a number of seconds > 0")
+        set_ = lambda name, v: object.__setattr__(self, name, v)  # noqa: E731
+        set_("lr", V.number("lr", self.lr, 0, lo_open=True))
+        set_("momentum", V.number("momentum", self.momentum, 0, 1, hi_open=True))
+        set_("epochs", V.integer("epochs", self.epochs, 0, V.MAX_EPOCHS))
+        set_("probes_per_decade", V.integer("probes_per_decade", self.probes_per_decade, 1, 1000))
+        set_(
+            "checkpoint_every",
+            V.number("checkpoint_every", self.checkpoint_every, 0, lo_open=True),
+        )
+        set_("allow_trivial", V.boolean("allow_trivial", self.allow_trivial))
         for name in ("lr_halve_at", "probe_at"):
-            values = getattr(self, name)
-            if not isinstance(values, list | tuple) or not all(
-                _is_int(v) and v >= 0 for v in values
-            ):
-                raise ConfigError(name, values, "a list of integer epochs >= 0")
-            object.__setattr__(self, name, tuple(sorted(set(values))))
-        object.__setattr__(self, "lr", float(self.lr))
-        object.__setattr__(self, "momentum", float(self.momentum))
-        object.__setattr__(self, "checkpoint_every", float(self.checkpoint_every))
+            set_(name, V.epochs_list(name, getattr(self, name)))
 
     def lr_at(self, epoch: int) -> float:
         """Step size used by the step that starts at ``epoch``."""
@@ -77,14 +68,6 @@ class TrainConfig:
 def halved_lr(lr: float, halve_at: tuple[int, ...], epoch: int) -> float:
     """``lr * 0.5**k`` with ``k`` the number of ``halve_at`` epochs ``<= epoch``."""
     return lr * 0.5 ** sum(1 for e in halve_at if e <= epoch)
-
-
-def _is_int(v: Any) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
-
-
-def _is_number(v: Any) -> bool:
-    return isinstance(v, int | float) and not isinstance(v, bool)
 
 
 def probe_epochs(epochs: int, per_decade: int = 10, extra: tuple[int, ...] = ()) -> list[int]:

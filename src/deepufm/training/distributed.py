@@ -24,6 +24,7 @@ next collective). Probes must not use collectives, so ``bn_mode="train"`` probes
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -36,9 +37,11 @@ from torch.nn.parallel import DistributedDataParallel
 
 from deepufm.data import ClassificationData
 from deepufm.errors import ConfigError
+from deepufm.training import manifest as mf
 from deepufm.training import rundir as rd
 from deepufm.training.network import (
     DEFAULT_NETWORK_PROBES,
+    KIND,
     FeatureLogits,
     NetworkProbe,
     NetworkState,
@@ -175,19 +178,32 @@ def train_distributed(
     """
     rank, world = _check(config)
     run_path = None if run_dir is None else Path(run_dir)
-    if run_path is None:
-        state = new_state(config, data)
-    else:
-        if rank == 0:
-            state = _open_run(config, data, run_path, resume, overwrite)
-        dist.barrier()
-        if rank != 0:
-            read_network_config(run_path)  # rank 0 has validated it
-            payload = rd.load_checkpoint(run_path)
-            state = (
-                new_state(config, data) if payload is None else restore_state(config, data, payload)
-            )
-            state.run_dir = run_path
+    with contextlib.ExitStack() as stack:
+        if run_path is None:
+            state = new_state(config, data)
+        else:
+            decided = [False]
+            if rank == 0:  # rank 0 holds the directory's lock and applies the overwrite rule
+                ctx = rd.open_run(run_path, KIND, overwrite=overwrite, resume=resume)
+                decided[0] = stack.enter_context(ctx)
+                state = _open_run(config, data, run_path, decided[0])
+            dist.broadcast_object_list(decided, src=0)  # whether rank 0 continues the run
+            if rank != 0:
+                read_network_config(run_path)  # rank 0 has validated it
+                payload = rd.load_checkpoint(run_path) if decided[0] else None
+                state = (
+                    new_state(config, data)
+                    if payload is None
+                    else restore_state(config, data, payload)
+                )
+                state.run_dir = run_path
+        state = _train_ranks(state, config, data, probes, progress, world, rank)
+        if run_path is not None and rank == 0:
+            mf.finish(run_path)
+    return state
+
+
+def _train_ranks(state, config, data, probes, progress, world, rank) -> NetworkState:
     if config.bn_train == "batch" and world > 1:
         sync_batchnorm(state.model)
     device = torch.device(config.device)

@@ -40,8 +40,9 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from deepufm import __version__
+from deepufm import validate as V
 from deepufm.data import DATASETS, ClassificationData
-from deepufm.errors import ConfigError, DeepUFMError, DivergenceError
+from deepufm.errors import ConfigError, DeepUFMError, DivergenceError, Interrupted
 from deepufm.models.config import DTYPES
 from deepufm.models.resnet import (
     BN_MODES,
@@ -58,14 +59,6 @@ from deepufm.training.probes import collapse_record
 LOSSES = ("mse", "ce")
 BN_TRAIN_MODES = ("batch", "frozen")
 KIND = "network"
-
-
-def _is_int(v: Any) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
-
-
-def _is_number(v: Any) -> bool:
-    return isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v)
 
 
 @dataclass(frozen=True)
@@ -137,24 +130,24 @@ class NetworkTrainConfig:
         for name, valid in choices.items():
             if getattr(self, name) not in valid:
                 raise ConfigError(name, getattr(self, name), f"one of {', '.join(valid)}")
-        ints = {"epochs": 0, "d": 1, "L": 1, "blocks": 1, "seed": 0, "probes_per_decade": 1}
-        ints |= {"checkpoint_every": 1}
-        for name, lo in ints.items():
-            if not _is_int(getattr(self, name)) or getattr(self, name) < lo:
-                raise ConfigError(name, getattr(self, name), f"an integer >= {lo}")
+        set_ = lambda name, v: object.__setattr__(self, name, v)  # noqa: E731
+        ints = {"epochs": (0, V.MAX_EPOCHS), "d": (1, 2**31 - 1), "L": (1, 10_000)}
+        ints |= {"blocks": (1, 10_000), "seed": (0, V.MAX_SEED), "probes_per_decade": (1, 1000)}
+        ints |= {"checkpoint_every": (1, V.MAX_EPOCHS)}
+        for name, (lo, hi) in ints.items():
+            set_(name, V.integer(name, getattr(self, name), lo, hi))
         for name in ("per_class", "batch_size", "probe_batch_size"):
             v = getattr(self, name)
-            if v is not None and (not _is_int(v) or v < 1):
-                raise ConfigError(name, v, "a positive integer or None (all)")
-        if not _is_number(self.lr) or self.lr <= 0:
-            raise ConfigError("lr", self.lr, "a finite number > 0")
-        if not _is_number(self.width) or self.width <= 0:
-            raise ConfigError("width", self.width, "a number > 0")
-        if not _is_number(self.momentum) or not 0 <= self.momentum < 1:
-            raise ConfigError("momentum", self.momentum, "a number in [0, 1)")
+            if v is not None:
+                try:
+                    set_(name, V.integer(name, v, 1, 2**31 - 1))
+                except ConfigError:
+                    raise ConfigError(name, v, "a positive integer or None (all)") from None
+        set_("lr", V.number("lr", self.lr, 0, lo_open=True))
+        set_("width", V.number("width", self.width, 0, lo_open=True))
+        set_("momentum", V.number("momentum", self.momentum, 0, 1, hi_open=True))
         for name in ("lam", "lam_H", "weight_decay"):
-            if not _is_number(getattr(self, name)) or getattr(self, name) < 0:
-                raise ConfigError(name, getattr(self, name), "a finite number >= 0")
+            set_(name, V.number(name, getattr(self, name), 0))
         try:
             torch.device(self.device)
         except (RuntimeError, TypeError) as exc:
@@ -162,14 +155,7 @@ class NetworkTrainConfig:
                 "device", self.device, "a torch device: cpu, cuda, cuda:0 ..."
             ) from exc
         for name in ("lr_halve_at", "probe_at"):
-            values = getattr(self, name)
-            if not isinstance(values, list | tuple) or not all(
-                _is_int(v) and v >= 0 for v in values
-            ):
-                raise ConfigError(name, values, "a list of integer epochs >= 0")
-            object.__setattr__(self, name, tuple(sorted(set(values))))
-        for name in ("lr", "momentum", "lam", "lam_H", "weight_decay", "width"):
-            object.__setattr__(self, name, float(getattr(self, name)))
+            set_(name, V.epochs_list(name, getattr(self, name)))
 
     @property
     def torch_dtype(self) -> torch.dtype:
@@ -610,12 +596,31 @@ def load_network(
     config, _ = read_network_config(run_dir)
     if device is not None:
         config = config.replace(device=device)
-    payload = rd.load_checkpoint(Path(run_dir))
-    if payload is None:
+    state = _checkpoint_state(config, data, Path(run_dir))
+    if state is None:
         raise DeepUFMError(f"{Path(run_dir) / rd.CHECKPOINT} not found: no checkpoint yet.")
-    state = restore_state(config, data, payload)
     state.run_dir = Path(run_dir)
     return state
+
+
+def _checkpoint_state(
+    config: NetworkTrainConfig, data: ClassificationData, run_dir: Path
+) -> NetworkState | None:
+    """The state of the newest usable checkpoint (a corrupt or mismatched ``checkpoint.pt``
+    falls back to ``checkpoint.prev.pt`` with a warning); ``None`` when there is none."""
+    restored: list[NetworkState] = []
+
+    def check(payload: dict[str, Any]) -> None:
+        if payload.get("kind") != KIND:
+            raise rd.CorruptCheckpoint("is not a network checkpoint")
+        try:
+            restored.append(restore_state(config, data, payload))
+        except (KeyError, TypeError, ValueError, RuntimeError) as exc:
+            first = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else repr(exc)
+            raise rd.CorruptCheckpoint(f"does not fit this network ({first})") from None
+
+    payload = rd.load_checkpoint(run_dir, check)
+    return None if payload is None else restored[-1]
 
 
 def _open_run(
@@ -623,24 +628,30 @@ def _open_run(
     data: ClassificationData,
     run_dir: Path,
     resume: bool,
-    overwrite: bool,
 ) -> NetworkState:
+    """The state to train from in ``run_dir``, whose lock the caller holds and whose overwrite
+    rule it applied (:func:`deepufm.training.rundir.open_run`)."""
     if not (resume and (run_dir / rd.CONFIG).is_file()):
-        rd.prepare_new_run(run_dir, overwrite)
         write_network_config(run_dir, config, data)
+        rd.rewrite_metrics(run_dir, [])
     saved, summary = read_network_config(run_dir)
     if saved != config:
         diff = {k: v for k, v in config.to_dict().items() if saved.to_dict()[k] != v}
         raise ConfigError("config", diff, f"the run's settings {saved.to_dict()}")
     if summary != data_summary(data):
         raise ConfigError("data", data_summary(data), f"the run's data {summary}")
-    payload = rd.load_checkpoint(run_dir)
-    state = new_state(config, data) if payload is None else restore_state(config, data, payload)
-    # Records past the checkpoint are recomputed identically; drop them (and a torn last line).
-    kept = [r for r in rd.read_metrics(run_dir) if r.get("epoch", -1) < state.epoch]
-    rd.rewrite_metrics(run_dir, kept)
+    state = _checkpoint_state(config, data, run_dir) if resume else None
+    state = new_state(config, data) if state is None else state
+    rd.repair_metrics(run_dir, state.epoch)
     state.run_dir = run_dir
     return state
+
+
+def check_device(config: NetworkTrainConfig) -> None:
+    """Refuse a device this torch cannot use, before anything is written."""
+    from deepufm.training.trainer import check_device as check
+
+    check(config.device, "device")
 
 
 def train(
@@ -659,30 +670,39 @@ def train(
         config: the run's settings.
         data: the training data (class-major, as :func:`load_network_data` returns it).
         run_dir: where ``config.json``, ``metrics.jsonl`` and ``checkpoint.pt`` go (``None``: in
-            memory only).
+            memory only). One writer at a time; when this process already holds the directory
+            (an experiment training into its own directory) its caller applied the overwrite rule.
         probes: callables ``snapshot -> dict`` merged into each probe record.
         progress: show a tqdm progress bar.
         resume: continue from ``run_dir``'s checkpoint when there is one (the config and data
             must match the run's); otherwise start the run.
         overwrite: replace an existing run in ``run_dir`` (without it a non-empty directory is
-            refused unless resuming).
+            refused unless resuming); files deepufm did not write stay.
         state: continue this in-memory state instead (``run_dir`` ignored for loading).
 
     Returns:
         The final :class:`NetworkState` (its ``records`` are this call's probe records).
     """
+    from deepufm.training import lock
+    from deepufm.training import manifest as mf
+
     if data.X.ndim != 4:
         raise ConfigError("data", tuple(data.X.shape), "images (N, C, H, W)")
+    check_device(config)
     run_path = None if run_dir is None else Path(run_dir)
-    if state is None:
-        if run_path is None:
-            state = new_state(config, data)
-        else:
-            state = _open_run(config, data, run_path, resume, overwrite)
     X = data.X.to(config.device, config.torch_dtype)
     y = data.y.to(config.device)
-    net = FeatureLogits(state.model)
-    return _loop(state, net, X, y, data, probes, progress)
+    if state is not None or run_path is None:
+        state = new_state(config, data) if state is None else state
+        return _loop(state, FeatureLogits(state.model), X, y, data, probes, progress)
+    if lock.held(run_path):
+        state = _open_run(config, data, run_path, resume)
+        return _loop(state, FeatureLogits(state.model), X, y, data, probes, progress)
+    with rd.open_run(run_path, KIND, overwrite=overwrite, resume=resume) as resuming:
+        state = _open_run(config, data, run_path, resuming)
+        state = _loop(state, FeatureLogits(state.model), X, y, data, probes, progress)
+        mf.finish(run_path)
+    return state
 
 
 def _loop(
@@ -697,11 +717,15 @@ def _loop(
     rank: int = 0,
 ) -> NetworkState:
     """The epoch loop shared by single-process and data-parallel training."""
+    from deepufm.training import manifest as mf
+    from deepufm.training import signals
+
     cfg = state.config
     schedule = set(probe_epochs(cfg.epochs, cfg.probes_per_decade, cfg.probe_at))
     t_start = time.perf_counter() - state.elapsed
     is_main = rank == 0
     writes = state.run_dir is not None and is_main
+    start_loss: list[float] = [] if state.train_loss is None else [state.train_loss]
     bar = tqdm(
         total=cfg.epochs,
         initial=state.epoch,
@@ -710,7 +734,10 @@ def _loop(
         dynamic_ncols=True,
         mininterval=0.5,
     )
+    stop = signals.deferred(writes and world == 1)
+    ckpt_epoch = None
     try:
+        pending = stop.__enter__()
         while True:
             if state.epoch in schedule and is_main:
                 record = _probe(state, data, probes, time.perf_counter() - t_start)
@@ -727,20 +754,47 @@ def _loop(
             )
             state.epoch += 1
             state.train_loss = float(loss)
+            start_loss = start_loss or [state.train_loss]
             if not math.isfinite(state.train_loss):
                 raise DivergenceError(
                     state.epoch, lr, rd.kept_checkpoint_message(state.run_dir if writes else None)
                 )
             bar.update(1)
-            if writes and state.epoch % cfg.checkpoint_every == 0:
+            signum = pending()
+            if writes and (signum or state.epoch % cfg.checkpoint_every == 0):
                 state.elapsed = time.perf_counter() - t_start
-                rd.save_checkpoint(state.run_dir, checkpoint_payload(state))
+                _checkpoint(state, start_loss[0], lr)
+                ckpt_epoch = state.epoch
+            if signum:
+                where = (
+                    f"checkpoint written to {state.run_dir / rd.CHECKPOINT}; continue with "
+                    f"`{mf.resume_hint(state.run_dir)}`."
+                )
+                raise Interrupted(signum, state.epoch, where)
     finally:
+        stop.__exit__(None, None, None)
         bar.close()
     state.elapsed = time.perf_counter() - t_start
-    if writes:
-        rd.save_checkpoint(state.run_dir, checkpoint_payload(state))
+    if writes and ckpt_epoch != state.epoch:  # else checkpoint.prev.pt would repeat it
+        _checkpoint(state, start_loss[0] if start_loss else math.inf, cfg.lr_at(state.epoch))
     return state
+
+
+# A mean batch objective this many times above the first one of the call: diverging, however
+# finite (gradient descent at a stable step size does not raise it so far).
+DIVERGED = 1e6
+
+
+def _checkpoint(state: NetworkState, start_loss: float, lr: float) -> None:
+    """Write a checkpoint only of a finite state that is not diverging (the previous one stays
+    the last good one)."""
+    finite = all(bool(torch.isfinite(p).all()) for p in state.model.parameters())
+    loss = state.train_loss
+    bad = not finite or (loss is not None and not math.isfinite(loss))
+    if bad or (loss is not None and loss > DIVERGED * start_loss):
+        detail = "" if bad else f"The training loss grew from {start_loss:.6g} to {loss:.6g}. "
+        raise DivergenceError(state.epoch, lr, detail + rd.kept_checkpoint_message(state.run_dir))
+    rd.save_checkpoint(state.run_dir, checkpoint_payload(state))
 
 
 def _probe(state: NetworkState, data, probes, elapsed: float) -> dict[str, Any]:
@@ -749,6 +803,15 @@ def _probe(state: NetworkState, data, probes, elapsed: float) -> dict[str, Any]:
     for probe in probes:
         record.update(probe(snap))
     record["elapsed"] = elapsed
+    loss = record.get("loss")
+    if isinstance(loss, float) and not math.isfinite(loss):
+        # Never a non-finite loss in metrics.jsonl: the run has diverged.
+        lr = state.config.lr_at(max(state.epoch - 1, 0))
+        raise DivergenceError(
+            state.epoch,
+            lr,
+            f"The probed loss is {loss}. " + rd.kept_checkpoint_message(state.run_dir),
+        )
     return record
 
 

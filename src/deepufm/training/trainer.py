@@ -2,14 +2,20 @@
 
 Between two stops (a probe epoch, a step-size change, or every ``CHECK_EVERY`` epochs) the loop
 runs nothing but the fused step. At a stop it checks for divergence and writes a checkpoint when
-``checkpoint_every`` seconds have passed. Probes and checkpoints read the state but never change
-it, so a run resumed from any checkpoint ends bitwise equal to an uninterrupted run (CPU, float64).
+``checkpoint_every`` seconds have passed, or when SIGINT/SIGTERM arrived (then it stops with
+:class:`~deepufm.errors.Interrupted`). A checkpoint is written only for a finite state whose loss
+has not grown ``DIVERGED`` times above the loss the call started from. Probes and checkpoints read
+the state but never change it, so a run resumed from any checkpoint ends bitwise equal to an
+uninterrupted run (CPU, float64).
 """
 
 from __future__ import annotations
 
 import bisect
+import math
+import os
 import time
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,15 +25,22 @@ import torch
 from tqdm.auto import tqdm
 
 from deepufm import __version__
-from deepufm.errors import DeepUFMError, DivergenceError
+from deepufm.errors import DeepUFMError, DivergenceError, Interrupted
 from deepufm.models.config import UFMConfig
 from deepufm.models.ufm import DeepUFM
+from deepufm.training import manifest as mf
 from deepufm.training import rundir as rd
+from deepufm.training import signals
 from deepufm.training.config import TrainConfig, probe_epochs
 from deepufm.training.gradients import FusedStep, step_threads, torch_threads
 from deepufm.training.probes import DEFAULT_PROBES, Probe
 
 CHECK_EVERY = 100
+# Gradient descent at a stable step size never raises the loss this far above where it started:
+# such a state is diverging, however finite, and is never checkpointed as good.
+DIVERGED = 1e6
+# Output norm, relative to that of the targets, below which a run has reached the zero solution.
+ZERO_OUTPUT = 1e-6
 
 
 @dataclass
@@ -38,6 +51,12 @@ class TrainState:
     epoch: int = 0
     buffers: list[torch.Tensor] | None = None
     elapsed: float = 0.0
+
+    def __post_init__(self) -> None:
+        from deepufm import validate as V
+
+        self.epoch = V.integer("epoch", self.epoch, 0, V.MAX_EPOCHS)
+        self.elapsed = V.number("elapsed", self.elapsed, 0)
 
 
 @dataclass
@@ -58,9 +77,23 @@ def train(
 ) -> TrainResult:
     """Run ``state`` forward to ``cfg.epochs``, probing on schedule; in place on ``state.model``.
 
-    With ``run_dir`` the probe records are appended to ``metrics.jsonl`` and checkpoints written.
+    With ``run_dir`` the probe records are appended to ``metrics.jsonl`` and checkpoints written;
+    SIGINT/SIGTERM then write a checkpoint and raise :class:`~deepufm.errors.Interrupted`.
+    The regularisation must be below the threshold of the zero solution (THEORY §4.2) unless
+    ``cfg.allow_trivial``; a run that ends at the zero solution anyway warns.
     """
+    from deepufm.theory import check_admissible
+
     model = state.model
+    check_admissible(model.config, allow_trivial=cfg.allow_trivial)
+    if state.epoch > cfg.epochs:
+        from deepufm.errors import ConfigError
+
+        raise ConfigError(
+            "epoch",
+            state.epoch,
+            f"an epoch in [0, epochs={cfg.epochs}] (the state is past the end)",
+        )
     step = FusedStep(model.config, model.params, cfg.momentum, state.buffers)
     probe_at = probe_epochs(cfg.epochs, cfg.probes_per_decade, cfg.probe_at)
     stops = sorted(set(probe_at) | set(cfg.lr_halve_at))
@@ -70,8 +103,9 @@ def train(
         step_threads(model.config) if model.H1.device.type == "cpu" else torch.get_num_threads()
     )
     epoch, elapsed = state.epoch, state.elapsed
+    start_loss = float(model.total_loss())
     t_start = time.perf_counter() - elapsed
-    last_ckpt = time.perf_counter()
+    last_ckpt, ckpt_epoch = time.perf_counter(), None
     bar = tqdm(
         total=cfg.epochs,
         initial=epoch,
@@ -81,7 +115,7 @@ def train(
         mininterval=0.5,
     )
     try:
-        with torch.no_grad():
+        with torch.no_grad(), signals.deferred(run_dir is not None) as pending:
             while True:
                 if probe_at[bisect.bisect_left(probe_at, epoch) % len(probe_at)] == epoch:
                     record = _probe(model, epoch, cfg, probes, time.perf_counter() - t_start)
@@ -103,17 +137,51 @@ def train(
                 epoch = nxt
                 if not _finite(model):
                     raise DivergenceError(epoch, lr, rd.kept_checkpoint_message(run_dir))
-                if run_dir is not None and time.perf_counter() - last_ckpt >= cfg.checkpoint_every:
-                    _checkpoint(run_dir, model, epoch, step, time.perf_counter() - t_start)
-                    last_ckpt = time.perf_counter()
+                if run_dir is None:
+                    continue
+                signum = pending()
+                if signum or time.perf_counter() - last_ckpt >= cfg.checkpoint_every:
+                    now = time.perf_counter() - t_start
+                    _checkpoint(run_dir, model, epoch, step, now, start_loss, lr)
+                    last_ckpt, ckpt_epoch = time.perf_counter(), epoch
+                if signum:
+                    where = (
+                        f"checkpoint written to {run_dir / rd.CHECKPOINT}; continue with "
+                        f"`{mf.resume_hint(run_dir)}`."
+                    )
+                    raise Interrupted(signum, epoch, where)
     finally:
         bar.close()
     elapsed = time.perf_counter() - t_start
     state.epoch, state.elapsed, state.buffers = epoch, elapsed, step.buffers
     if run_dir is not None:
-        _checkpoint(run_dir, model, epoch, step, elapsed)
+        if ckpt_epoch != epoch:  # else checkpoint.prev.pt would only repeat checkpoint.pt
+            _checkpoint(run_dir, model, epoch, step, elapsed, start_loss, cfg.lr_at(epoch))
         rd.save_params(run_dir, model)
+    _warn_if_zero(model, cfg)
     return TrainResult(model, epoch, elapsed, records, run_dir)
+
+
+def _warn_if_zero(model: DeepUFM, cfg: TrainConfig) -> None:
+    """Warn when the run ended at the zero solution (a step size too large, or a regularisation
+    above the threshold with ``allow_trivial``)."""
+    from deepufm.theory.threshold import b_crit, regularisation_b
+
+    Y = model.labels()
+    if not float(model.output().norm()) <= ZERO_OUTPUT * float(Y.norm()):
+        return
+    c = model.config
+    threshold = (
+        f"b = {regularisation_b(c):.6g} against the threshold b_crit(L={c.L}) = {b_crit(c.L):.6g}"
+        if c.loss == "mse"
+        else f"lam_W={list(c.lam_W)}, lam_H={c.lam_H}"
+    )
+    warnings.warn(
+        f"training ended at the zero solution (every output is 0) after {cfg.epochs} epochs with "
+        f"lr={cfg.lr}: {threshold}. Below the threshold a smaller learning rate (--lr) avoids "
+        "it; above, the zero solution is the global optimum (THEORY §4.2).",
+        stacklevel=3,
+    )
 
 
 def _probe(model, epoch, cfg, probes, elapsed) -> dict[str, Any]:
@@ -138,7 +206,26 @@ def _show(bar, record: dict[str, Any], config: UFMConfig) -> None:
     bar.set_postfix(post, refresh=False)
 
 
-def _checkpoint(run_dir: Path, model: DeepUFM, epoch: int, step: FusedStep, elapsed: float) -> None:
+def _checkpoint(
+    run_dir: Path,
+    model: DeepUFM,
+    epoch: int,
+    step: FusedStep,
+    elapsed: float,
+    start_loss: float,
+    lr: float,
+) -> None:
+    # Check before writing: the previous checkpoint stays the last good one.
+    loss = float(model.total_loss())
+    if not (_finite(model) and math.isfinite(loss)):
+        raise DivergenceError(epoch, lr, rd.kept_checkpoint_message(run_dir))
+    if loss > DIVERGED * start_loss:
+        raise DivergenceError(
+            epoch,
+            lr,
+            f"The loss grew from {start_loss:.6g} to {loss:.6g}. "
+            + rd.kept_checkpoint_message(run_dir),
+        )
     cpu = lambda ts: None if ts is None else [t.detach().cpu().clone() for t in ts]  # noqa: E731
     rd.save_checkpoint(
         run_dir,
@@ -163,15 +250,102 @@ def start_run(
     probes: Sequence[Probe] = DEFAULT_PROBES,
     progress: bool = False,
 ) -> TrainResult:
-    """A new run in ``run_dir``: validate, write ``config.json``, initialise, train."""
+    """A new run in ``run_dir``: validate, write ``config.json``, initialise, train.
+
+    Everything is validated before anything is written; the directory must be new or empty, or
+    ``overwrite`` (files deepufm did not write stay, :mod:`deepufm.training.manifest`). One
+    writer at a time (:mod:`deepufm.training.lock`).
+    """
     from deepufm.theory import check_admissible
 
     check_admissible(model_cfg, allow_trivial=train_cfg.allow_trivial)
+    check_memory(model_cfg, check_device(model_cfg.device))
     run_dir = Path(run_dir)
-    rd.prepare_new_run(run_dir, overwrite)
-    rd.write_config(run_dir, model_cfg, train_cfg)
-    state = TrainState(DeepUFM.init(model_cfg))
-    return train(state, train_cfg, run_dir, probes, progress)
+    with rd.open_run(run_dir, "train", overwrite=overwrite):
+        state = TrainState(DeepUFM.init(model_cfg))
+        rd.write_config(run_dir, model_cfg, train_cfg)
+        rd.rewrite_metrics(run_dir, [])
+        result = train(state, train_cfg, run_dir, probes, progress)
+        mf.finish(run_dir)
+    return result
+
+
+def check_device(device: str, param: str = "device") -> torch.device:
+    """``device`` resolved, refused (before anything is written) when this torch cannot use it."""
+    from deepufm.errors import ConfigError
+    from deepufm.models.config import resolve_device
+
+    dev = resolve_device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(
+            param, device, "cpu or auto here", "This PyTorch build or machine has no CUDA device."
+        )
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise ConfigError(
+            param, device, f"a CUDA index below {torch.cuda.device_count()} (the devices present)"
+        )
+    if dev.type not in ("cpu", "cuda"):
+        raise ConfigError(param, device, "auto, cpu, cuda or cuda:<index>")
+    return dev
+
+
+# Training holds the parameters, their gradients, momentum buffers and the layer features: about
+# this many copies of the parameters.
+MEMORY_COPIES = 4
+
+
+def check_memory(model_cfg: UFMConfig, device: torch.device) -> None:
+    """Refuse, before allocating, a model whose training cannot fit in the device's memory."""
+    from deepufm.errors import RunError
+
+    sizes = [(model_cfg.input_dim, model_cfg.N), *model_cfg.layer_shapes()]
+    itemsize = torch.empty((), dtype=model_cfg.torch_dtype).element_size()
+    need = MEMORY_COPIES * itemsize * sum(r * c for r, c in sizes)
+    if device.type == "cuda":
+        have = torch.cuda.mem_get_info(device)[1]
+    else:
+        have = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    if need > have:
+        raise RunError(
+            f"training this model (K={model_cfg.K}, n={model_cfg.n}, d={model_cfg.d}, "
+            f"L={model_cfg.L}, {model_cfg.dtype}) needs about {need / 2**30:.3g} GiB, more than "
+            f"the {have / 2**30:.3g} GiB of {device.type} memory here: choose a smaller d or n."
+        )
+
+
+def checkpoint_state(
+    run_dir: Path, model_cfg: UFMConfig, device: str | None = None
+) -> TrainState | None:
+    """The training state of the newest usable checkpoint in ``run_dir`` (``None``: none yet).
+
+    A corrupt ``checkpoint.pt`` falls back to ``checkpoint.prev.pt`` with a warning; one from
+    another configuration (other shapes) counts as corrupt.
+    """
+    shapes = [(model_cfg.input_dim, model_cfg.N), *model_cfg.layer_shapes()]
+
+    def check(payload: dict[str, Any]) -> None:
+        try:
+            params, buffers = payload["params"], payload["buffers"]
+            got = [tuple(p.shape) for p in params]
+            ok = got == shapes and (buffers is None or [tuple(b.shape) for b in buffers] == got)
+            ok = ok and all(p.is_floating_point() for p in params)
+            float(payload["elapsed"])
+        except (KeyError, TypeError, AttributeError, ValueError) as exc:
+            raise rd.CorruptCheckpoint(f"lacks {exc}") from None
+        if not ok:
+            raise rd.CorruptCheckpoint(
+                f"holds parameters of shapes {got}, not the {shapes} of the run's {rd.CONFIG}"
+            )
+
+    ckpt = rd.load_checkpoint(run_dir, check)
+    if ckpt is None:
+        return None
+    dev = check_device(model_cfg.device if device is None else device, "device")
+    dtype = model_cfg.torch_dtype
+    params = [p.to(dev, dtype) for p in ckpt["params"]]
+    model = DeepUFM(model_cfg, params[0], params[1:])
+    buffers = None if ckpt["buffers"] is None else [b.to(dev, dtype) for b in ckpt["buffers"]]
+    return TrainState(model, ckpt["epoch"], buffers, float(ckpt["elapsed"]))
 
 
 def resume_run(
@@ -180,21 +354,31 @@ def resume_run(
     progress: bool = False,
     device: str | None = None,
 ) -> TrainResult:
-    """Continue the run in ``run_dir`` from its checkpoint (or from the start if none yet)."""
+    """Continue the run in ``run_dir`` from its checkpoint (or from the start if none yet).
+
+    Intact ``metrics.jsonl`` records before the checkpoint are kept (dropped lines are named in
+    a warning); the later ones are recomputed identically.
+    """
     run_dir = Path(run_dir)
     model_cfg, train_cfg = rd.read_config(run_dir)
     if train_cfg is None:
         raise DeepUFMError(f"{run_dir / rd.CONFIG} has no training section: nothing to resume.")
-    ckpt = rd.load_checkpoint(run_dir)
-    if ckpt is None:
-        state = TrainState(DeepUFM.init(model_cfg, device=device))
-    else:
-        dev = model_cfg.torch_device if device is None else torch.device(device)
-        params = [p.to(dev) for p in ckpt["params"]]
-        model = DeepUFM(model_cfg, params[0], params[1:])
-        buffers = None if ckpt["buffers"] is None else [b.to(dev) for b in ckpt["buffers"]]
-        state = TrainState(model, ckpt["epoch"], buffers, ckpt["elapsed"])
-    # Records past the checkpoint are recomputed identically; drop them (and a torn last line).
-    kept = [r for r in rd.read_metrics(run_dir) if r.get("epoch", -1) < state.epoch]
-    rd.rewrite_metrics(run_dir, kept)
-    return train(state, train_cfg, run_dir, probes, progress)
+    manifest = mf.read_manifest(run_dir)
+    if manifest is not None and manifest.kind != "train":
+        raise DeepUFMError(
+            f"{run_dir} holds a {manifest.owner} run, not a `deepufm train` run; continue it "
+            f"with `{mf.resume_hint(run_dir)}`."
+        )
+    if manifest is None:  # a run directory from before manifests: its run files are ours
+        present = tuple(n for n in rd.RUN_FILES if (run_dir / n).exists())
+        mf.write_manifest(run_dir, mf.Manifest("train", files=present))
+    with rd.open_run(run_dir, "train", resume=True, param="--resume"):
+        state = checkpoint_state(run_dir, model_cfg, device)
+        if state is None:
+            state = TrainState(
+                DeepUFM.init(model_cfg, device=check_device(device or model_cfg.device))
+            )
+        rd.repair_metrics(run_dir, state.epoch)
+        result = train(state, train_cfg, run_dir, probes, progress)
+        mf.finish(run_dir)
+    return result

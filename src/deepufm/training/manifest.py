@@ -1,0 +1,195 @@
+"""What deepufm wrote into a run directory: ``manifest.json``, and the overwrite rule built on it.
+
+``manifest.json`` = ``{"deepufm_version", "kind", "name", "status", "files", "previous"}``:
+
+* ``kind``/``name``: who owns the directory: ``"train"`` (``deepufm train``), ``"network"``
+  (:func:`deepufm.training.network.train`) or ``"experiment"`` with ``name`` the experiment and
+  preset (``"linear-ufm/quick"``);
+* ``status``: ``"running"`` until the run completes, then ``"complete"``;
+* ``files``: every path (relative, ``/``-separated) this run wrote, recorded *before* writing it;
+* ``previous``: what the run it replaces wrote and this one has not rewritten yet; deleted when
+  this run completes, so that a kill before then leaves the earlier results in place.
+
+Only paths written while holding the directory's lock (:mod:`deepufm.training.lock`) are recorded,
+and only recorded paths are ever replaced or deleted: files deepufm did not write stay.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+
+from deepufm import __version__
+from deepufm.errors import ConfigError
+from deepufm.training import lock
+
+MANIFEST = "manifest.json"
+KINDS = ("train", "network", "experiment")
+_OURS = {MANIFEST, lock.LOCK}
+
+
+@dataclass(frozen=True)
+class Manifest:
+    kind: str
+    name: str = ""
+    status: str = "running"
+    files: tuple[str, ...] = ()
+    previous: tuple[str, ...] = ()
+    deepufm_version: str = __version__
+
+    @property
+    def owner(self) -> str:
+        """``"train"``, ``"network"`` or ``"experiment linear-ufm/quick"``, for messages."""
+        return f"{self.kind} {self.name}".strip()
+
+    @property
+    def complete(self) -> bool:
+        return self.status == "complete"
+
+
+def read_manifest(run_dir: Path | str) -> Manifest | None:
+    """The directory's manifest; ``None`` when it has none (or an unreadable one)."""
+    path = Path(run_dir) / MANIFEST
+    try:
+        data = json.loads(path.read_text())
+        return Manifest(
+            kind=str(data["kind"]),
+            name=str(data.get("name", "")),
+            status=str(data["status"]),
+            files=tuple(data["files"]),
+            previous=tuple(data.get("previous", ())),
+            deepufm_version=str(data.get("deepufm_version", "")),
+        )
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def write_manifest(run_dir: Path | str, manifest: Manifest) -> None:
+    from deepufm.training.rundir import atomic_write
+
+    data = asdict(manifest) | {"files": list(manifest.files), "previous": list(manifest.previous)}
+    text = json.dumps(data, indent=2) + "\n"
+    atomic_write(Path(run_dir) / MANIFEST, lambda f: f.write(text), mode="w", record=False)
+
+
+def foreign_files(run_dir: Path, manifest: Manifest | None) -> list[str]:
+    """Top-level entries deepufm did not write (a directory counts when nothing in it is ours)."""
+    known = set() if manifest is None else set(manifest.files) | set(manifest.previous)
+    tops = {p.split("/", 1)[0] for p in known}
+    out = []
+    for entry in sorted(run_dir.iterdir()):
+        name = entry.name
+        if name in _OURS or (name.startswith(".") and name.endswith(".tmp")):
+            continue
+        if name not in known and name not in tops:
+            out.append(name)
+    return out
+
+
+def record(path: Path | str) -> None:
+    """Add ``path`` to the manifest of the held run directory it lies in (if any)."""
+    path = Path(path).resolve()
+    for run_dir in lock.held_dirs():
+        if run_dir in path.parents:
+            manifest = read_manifest(run_dir)
+            if manifest is None:
+                return
+            rel = path.relative_to(run_dir).as_posix()
+            if rel not in manifest.files:
+                previous = tuple(p for p in manifest.previous if p != rel)
+                write_manifest(
+                    run_dir, replace(manifest, files=(*manifest.files, rel), previous=previous)
+                )
+            return
+
+
+def check_directory(out: Path, param: str = "--out") -> None:
+    """``out`` is a directory or can become one: no file at it or above it."""
+    for p in (out, *out.parents):
+        if p.exists() and not p.is_dir():
+            where = "is a file" if p == out else f"lies under the file {p}"
+            raise ConfigError(param, str(out), "a directory path", f"{out} {where}.")
+        if p.is_dir():
+            return
+
+
+def begin(
+    run_dir: Path,
+    kind: str,
+    name: str = "",
+    *,
+    overwrite: bool = False,
+    resume: bool = False,
+    rerun: bool = False,
+    param: str = "--out",
+) -> bool:
+    """Take ``run_dir`` (held, existing) for a run of ``kind``/``name``; returns whether the run
+    continues an unfinished one (``resume``) rather than starting afresh.
+
+    A directory holding the same run may be resumed; when finished, rerun only with ``rerun``
+    (``deepufm run``) or ``overwrite``. Any other non-empty directory (another kind of run, files
+    deepufm did not write) is refused unless ``overwrite``. Starting afresh moves the earlier
+    run's files to ``previous``: they are replaced as the new run writes them, the rest deleted
+    when it completes (:func:`finish`); files deepufm did not write are never touched.
+    """
+    old = read_manifest(run_dir)
+    same = old is not None and (old.kind, old.name) == (kind, name)
+    if resume and same:
+        return True
+    foreign = foreign_files(run_dir, old)
+    if not overwrite and (foreign or (old is not None and not (same and rerun))):
+        if old is not None and not foreign:
+            what = f"a {old.owner} run ({old.status})"
+        elif old is None:
+            what = f"files deepufm did not write ({', '.join(foreign[:5])})"
+        else:
+            what = f"a {old.owner} run and files deepufm did not write ({', '.join(foreign[:5])})"
+        hint = "continue it with --resume or " if same else ""
+        raise ConfigError(
+            param,
+            str(run_dir),
+            f"a new or empty directory, or one holding this same {kind} run",
+            f"It holds {what}; {hint}replace deepufm's files there with --overwrite "
+            "(files deepufm did not write are left alone), or choose another directory.",
+        )
+    previous = () if old is None else tuple(dict.fromkeys((*old.previous, *old.files)))
+    write_manifest(run_dir, Manifest(kind, name, "running", (), previous))
+    return False
+
+
+def finish(run_dir: Path) -> None:
+    """Mark the run complete and delete what the replaced run wrote and this one did not."""
+    manifest = read_manifest(run_dir)
+    if manifest is None:
+        return
+    for rel in manifest.previous:
+        if rel in manifest.files:
+            continue
+        path = run_dir / rel
+        with contextlib.suppress(FileNotFoundError, IsADirectoryError):
+            path.unlink()
+        parent = path.parent
+        while parent != run_dir and run_dir in parent.parents:
+            with contextlib.suppress(OSError):
+                parent.rmdir()  # only when empty: never a folder that holds other files
+            parent = parent.parent
+    write_manifest(run_dir, replace(manifest, status="complete", previous=()))
+
+
+def resume_hint(run_dir: Path) -> str:
+    """The command that continues the run in ``run_dir``."""
+    manifest = read_manifest(run_dir)
+    if manifest is None:
+        try:
+            kind = json.loads((Path(run_dir) / "config.json").read_text()).get("kind")
+        except (OSError, ValueError, AttributeError):
+            kind = None
+        manifest = Manifest("network") if kind == "network" else None
+    if manifest is not None and manifest.kind == "experiment":
+        exp, _, preset = manifest.name.partition("/")
+        return f"deepufm run {exp} --preset {preset or 'quick'} --out {run_dir} --resume"
+    if manifest is not None and manifest.kind == "network":
+        return f"deepufm.training.network.train(config, data, {str(run_dir)!r}, resume=True)"
+    return f"deepufm train --resume {run_dir}"
