@@ -9,6 +9,7 @@ from deepufm.cli import main
 from deepufm.experiments import linear_ufm, relu_ufm
 from deepufm.experiments.registry import catalogue
 from deepufm.models.config import UFMConfig
+from deepufm.models.ufm import DeepUFM
 from deepufm.training.config import TrainConfig
 
 
@@ -156,10 +157,8 @@ def test_run_puts_the_models_on_the_device_given(tmp_path, monkeypatch):
 
     monkeypatch.setattr(linear_ufm, "preset", short)
     seen = []
-    real = linear_ufm.DeepUFM.init
-    monkeypatch.setattr(
-        linear_ufm.DeepUFM, "init", lambda cfg: seen.append(cfg.torch_device) or real(cfg)
-    )
+    real = DeepUFM.init
+    monkeypatch.setattr(DeepUFM, "init", lambda cfg: seen.append(cfg.torch_device) or real(cfg))
     out = tmp_path / "lin"
     assert main(["run", "linear-ufm", "--out", str(out), "--quiet", "--device", "cpu"]) == 0
     assert json.loads((out / "config.json").read_text())["model"]["device"] == "cpu"
