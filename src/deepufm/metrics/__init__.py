@@ -1,6 +1,13 @@
 """Metrics of collapse, alignment and spectra (THEORY §4.1, §9)."""
 
-from deepufm.metrics.collapse import class_means, etf_distance, nc1, orthogonal_frame_distance
+from deepufm.metrics.collapse import (
+    class_means,
+    etf_distance,
+    labelled_class_means,
+    labelled_nc1,
+    nc1,
+    orthogonal_frame_distance,
+)
 from deepufm.metrics.nc3 import (
     back_product,
     nc3_alignment,
@@ -35,6 +42,8 @@ __all__ = [
     "etf_distance",
     "gradient_coefficients",
     "kron_columns",
+    "labelled_class_means",
+    "labelled_nc1",
     "nc1",
     "nc3_alignment",
     "nc3_gram",
