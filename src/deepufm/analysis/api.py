@@ -147,7 +147,7 @@ def _check_not_tied(model: nn.Module, name: str) -> None:
     module = model.get_submodule(name)
     own = {id(p) for p in module.parameters()}
     for full, p in model.named_parameters(remove_duplicate=False):
-        owner = full.rsplit(".", 1)[0]
+        owner = full.rsplit(".", 1)[0] if "." in full else ""
         if id(p) in own and owner != name:
             raise ConfigError(
                 "layers",
@@ -203,6 +203,12 @@ def analyze(
     if route not in ROUTES:
         raise ConfigError("route", route, f"one of {', '.join(ROUTES)}")
     lossd = data_loss(loss)
+    if not any(isinstance(m, nn.Linear) for m in model.modules()):
+        raise ConfigError(
+            "model",
+            type(model).__name__,
+            "a model with at least one nn.Linear layer (the layers deepufm analyses)",
+        )
     _check_finite(model)
     params = [p for p in model.parameters() if p.is_floating_point()]
     if not params:

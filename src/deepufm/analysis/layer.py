@@ -156,7 +156,7 @@ class Papyan:
 FORMS = {
     "mse": "mse (unit weights, THEORY M3; class sizes n_c)",
     "ce": "ce-loss-hessian-weighted (Papyan 2020; class sizes n_c)",
-    "callable": "loss-hessian-weighted (M^T M = d2l/dz2; class sizes n_c)",
+    "callable": "loss-hessian-weighted, M = Lambda^(1/2) Q^T of d2l/dz2 = Q Lambda Q^T (class sizes n_c)",
 }
 
 

@@ -1,9 +1,9 @@
 """``Analysis.write``: ``results.json``, the paper's kind of figures for this model, ``report.html``.
 
-Figures (PNG + PDF under ``figures/``): per layer the layer-Hessian top eigenvalues with the
-outlier count and the Papyan knockouts (v2 Figs 9-10, 12), the weight spectrum ``W^T W``
-(v2 Fig. 13), the ``f_cc'`` and ``gamma_cc'`` matrices (v1 Figs 4, 7 at one point), and over the
-layers the effective ranks of ``H_l`` and ``W_l`` against ``K^2`` and ``K`` (v2 Fig. 17).
+Figures (PNG under ``figures/``): one per layer with the layer-Hessian top eigenvalues, the outlier
+count and the Papyan knockouts (v2 Figs 9-10, 12), the weight spectrum ``W^T W`` (v2 Fig. 13) and
+the ``f_cc'`` and ``gamma_cc'`` matrices (v1 Figs 4, 7 at one point); and over the layers the
+effective ranks of ``H_l`` and ``W_l`` against ``K^2`` and ``K`` (v2 Fig. 17).
 """
 
 from __future__ import annotations
@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import matplotlib.pyplot as plt
 import numpy as np
 
 from deepufm.errors import ConfigError
@@ -111,55 +112,59 @@ def write_analysis(analysis, out: Path) -> Path:
     return html
 
 
+def save_png(fig, fig_dir: Path, name: str) -> Path:
+    """``name.png`` only (PDFs double the time, and a user's analysis may have many layers)."""
+    fig_dir.mkdir(parents=True, exist_ok=True)
+    with plt.rc_context(P.STYLE):
+        fig.tight_layout()
+        fig.savefig(fig_dir / f"{name}.png")
+    plt.close(fig)
+    return fig_dir / f"{name}.png"
+
+
 def _figures(fig_dir: Path, K: int, layers) -> list[tuple[str, str, Path]]:
     figs = []
 
     def add(fid, caption, fig):
-        figs.append((fid, caption, P.save(fig, fig_dir, fid)))
+        figs.append((fid, caption, save_png(fig, fig_dir, fid)))
 
     for r in layers:
         name = r["name"]
-        panels = [("H", r["hessian_eigenvalues"], r["outlier_count"])]
-        panels += [(f"G - G_{k}", v, None) for k, v in r["knockout_eigenvalues"].items()]
-        fig, axes = P.new_figure(ncols=len(panels), width=3.4)
-        for ax, (title, vals, count) in zip(axes[0], panels):
-            v = np.asarray(vals, dtype=np.float64)
-            pos = np.clip(v, 1e-300, None)
-            ax.semilogy(np.arange(1, len(v) + 1), pos, "o", ms=3)
-            if count is not None:
-                ax.axvline(count + 0.5, color="C3", ls=":", lw=0.9, label=f"{count} outliers")
-            ax.axvline(K * K + 0.5, color="k", ls="--", lw=0.8, label=f"K^2 = {K * K}")
-            ax.set_xlabel("index")
-            ax.set_ylabel("eigenvalue")
-            ax.set_title(f"{name}: {title}")
-            ax.legend()
-        add(
-            f"spectrum-{name}",
-            f"{name}: top eigenvalues of the layer Hessian (outliers by the log-gap rule) and of "
-            "the Gauss–Newton knockouts G - G_class, G - G_cross, G - G_within.",
-            fig,
-        )
-        fig, axes = P.new_figure()
+        fig, axes = P.new_figure(ncols=2, nrows=2, width=4.4, height=3.4)
+        ax = axes[0, 0]
+        series = [("H", r["hessian_eigenvalues"], "o")]
+        series += [
+            (f"G - G_{k}", v, m) for (k, v), m in zip(r["knockout_eigenvalues"].items(), "sx^")
+        ]
+        top = max(abs(x) for _, v, _ in series for x in v) or 1.0
+        for label, vals, marker in series:
+            # a log axis down to round-off only: exact zeros would stretch it over 300 decades
+            v = np.clip(np.asarray(vals, dtype=np.float64), 1e-16 * top, None)
+            ax.semilogy(np.arange(1, len(v) + 1), v, marker, ms=3.5, mfc="none", label=label)
+        ax.axvline(r["outlier_count"] + 0.5, color="C3", ls=":", lw=0.9, label="outliers")
+        ax.axvline(K * K + 0.5, color="k", ls="--", lw=0.8, label=f"K^2 = {K * K}")
+        ax.set_xlabel("index")
+        ax.set_ylabel("eigenvalue")
+        ax.set_title(f"{name}: layer Hessian and knockouts")
+        ax.legend(ncol=2)
         sv2 = np.asarray(r["weight_singular_values"]) ** 2
-        P.spectrum_panel(axes[0, 0], sv2, K, f"{name}: eigenvalues of W^T W")
-        add(f"weights-{name}", f"{name}: spectrum of W^T W, top K = {K} marked.", fig)
-        fig, axes = P.new_figure(ncols=2, width=3.6)
+        P.spectrum_panel(axes[0, 1], sv2, K, f"{name}: eigenvalues of W^T W")
         for ax, key, title in (
-            (axes[0, 0], "eigvec_alignment", "f_cc' (eigenvector alignment)"),
-            (axes[0, 1], "gradient_coefficients", "γ_cc' (gradient coefficients)"),
+            (axes[1, 0], "eigvec_alignment", "f_cc' (eigenvector alignment)"),
+            (axes[1, 1], "gradient_coefficients", "γ_cc' (gradient coefficients)"),
         ):
             mat = np.asarray(r[key], dtype=np.float64)
-            im = ax.imshow(
-                mat, vmin=0, vmax=1 if key == "eigvec_alignment" else None, cmap="viridis"
-            )
+            im = ax.imshow(mat, vmin=0, vmax=1 if key == "eigvec_alignment" else None)
             ax.figure.colorbar(im, ax=ax)
             ax.set_xlabel("c' (input class mean)")
             ax.set_ylabel("c (output class mean)")
-            ax.set_title(f"{name}: {title}")
+            ax.set_title(title)
             ax.grid(False)
         add(
-            f"alignment-{name}",
-            f"{name}: f_cc' (-> 1 at collapse) and γ_cc' (-> I/K) in the basis mu'_c ⊗ [mu_c'; 1].",
+            f"layer-{name}",
+            f"{name}: top eigenvalues of the layer Hessian (outliers by the log-gap rule) and of "
+            "the Gauss–Newton knockouts G - G_X; the spectrum of W^T W (top K marked); f_cc' "
+            "(-> 1 at collapse) and γ_cc' (-> I/K) in the basis mu'_c ⊗ [mu_c'; 1].",
             fig,
         )
     fig, axes = P.new_figure(ncols=2)
