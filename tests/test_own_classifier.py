@@ -390,3 +390,59 @@ def test_write_results_figures_and_report(tmp_path):
     (out / "extra.txt").write_text("x")
     with pytest.raises(ConfigError, match=r"extra\.txt"):
         a.write(out)
+
+
+FACTORY = """
+import torch
+from torch import nn
+
+
+def build():
+    torch.manual_seed(3)
+    return nn.Sequential(
+        nn.Linear(5, 7), nn.Tanh(), nn.Linear(7, 6), nn.ReLU(), nn.Linear(6, 4)
+    ).double()
+"""
+
+
+def test_cli_model_form_matches_the_api(tmp_path, monkeypatch, capsys):
+    from deepufm.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "mymodels.py").write_text(FACTORY)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    import mymodels
+
+    model = mymodels.build()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.mul_(1.5)  # the weights file differs from the factory's initialisation
+    torch.save(model.state_dict(), tmp_path / "w.pt")
+    X, y = make_data()
+    np.savez(tmp_path / "d.npz", X=X.numpy().astype(np.float32), y=y.numpy())
+    argv = ["analyze", "--model", "mymodels:build", "--weights", "w.pt", "--data", "d.npz"]
+    two = ["--linear", "4", "--linear", "2"]  # two layers keep the figures quick; forward order
+    assert main([*argv, "--loss", "ce", *two, "--out", "out"]) == 0
+    got = json.loads((tmp_path / "out" / "results.json").read_text())
+    # the .npz X is float32: cast to the model's dtype (float64), as the API gets it here
+    X32 = torch.as_tensor(X.numpy().astype(np.float32)).double()
+    ref = deepufm.analyze(model, (X32, y), "ce", layers=["2", "4"])
+    assert [r["name"] for r in got["layers"]] == ["2", "4"]
+    assert got == json.loads(ref.to_json())
+    assert (tmp_path / "out" / "report.html").exists()
+    # refusals: a foreign state_dict, a bad spec, RUN_DIR with --model, no data
+    torch.save({"weight": torch.zeros(2)}, tmp_path / "bad.pt")
+    capsys.readouterr()
+    assert (
+        main(["analyze", "--model", "mymodels:build", "--weights", "bad.pt", "--data", "d.npz"])
+        == 2
+    )
+    assert "--weights" in capsys.readouterr().err
+    assert main(["analyze", "--model", "mymodels", "--data", "d.npz"]) == 2
+    assert "PKG.MODULE:FACTORY" in capsys.readouterr().err
+    assert main(["analyze", "--model", "nosuch:build", "--data", "d.npz"]) == 2
+    assert "nosuch" in capsys.readouterr().err
+    assert main(["analyze", "--model", "mymodels:build"]) == 2
+    assert "--data" in capsys.readouterr().err
+    assert main(["analyze"]) == 2
+    assert "RUN_DIR" in capsys.readouterr().err
