@@ -446,3 +446,21 @@ def test_cli_model_form_matches_the_api(tmp_path, monkeypatch, capsys):
     assert "--data" in capsys.readouterr().err
     assert main(["analyze"]) == 2
     assert "RUN_DIR" in capsys.readouterr().err
+
+
+def test_the_example_runs_tiny(tmp_path):
+    pytest.importorskip("mlxtend")
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "examples" / "own_classifier.py"
+    spec = importlib.util.spec_from_file_location("own_classifier", path)
+    example = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(example)
+    out = tmp_path / "report"
+    analysis = example.main(["--epochs", "1", "--per-class", "3", "--out", str(out)])
+    assert [r["name"] for r in analysis.layers] == ["head.0", "head.2", "head.4"]
+    assert analysis.config["N"] == 30 and analysis.config["class_counts"] == [3] * 10
+    # BatchNorm upstream, ReLU between the head layers: every head layer is structured
+    assert all(r["hessian_route"].startswith("structured") for r in analysis.layers)
+    assert (out / "report.html").exists() and (out / "results.json").exists()

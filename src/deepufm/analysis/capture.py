@@ -75,7 +75,8 @@ def check_batch_independent(model: nn.Module, X: Tensor) -> None:
     with torch.no_grad():
         whole, alone = logits(model, X)[:1], logits(model, X[:1])
     scale = float(whole.abs().max()) or 1.0
-    if float((whole - alone).abs().max()) > 1e-8 * scale:
+    # different batch sizes may take different GEMM kernels: allow round-off, not interaction
+    if float((whole - alone).abs().max()) > 1e4 * torch.finfo(whole.dtype).eps * scale:
         raise ConfigError(
             "model",
             type(model).__name__,
