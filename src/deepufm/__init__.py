@@ -11,4 +11,23 @@ from deepufm.models import DeepUFM, UFMConfig
 
 __version__ = "0.1.0"
 
-__all__ = ["ConfigError", "DeepUFM", "DeepUFMError", "DivergenceError", "UFMConfig", "__version__"]
+__all__ = [
+    "Analysis",
+    "ConfigError",
+    "DeepUFM",
+    "DeepUFMError",
+    "DivergenceError",
+    "UFMConfig",
+    "__version__",
+    "analyze",
+]
+
+
+def __getattr__(name: str):
+    # deepufm.analyze / deepufm.Analysis load the analysis stack (matrices, metrics, figures)
+    # only when used, so that `import deepufm` stays light.
+    if name in ("analyze", "Analysis"):
+        from deepufm import analysis
+
+        return getattr(analysis, name)
+    raise AttributeError(f"module 'deepufm' has no attribute {name!r}")

@@ -1,4 +1,9 @@
-"""``deepufm analyze RUN_DIR``: every matrix and metric per layer, from ``params.npz`` alone."""
+"""``deepufm analyze RUN_DIR``: every matrix and metric per layer, from ``params.npz`` alone.
+
+``deepufm analyze --model PKG.MODULE:FACTORY [--weights FILE.pt] --data NAME|FILE.npz --loss
+mse|ce --out DIR``: the same analysis for any PyTorch classifier (``deepufm.analyze``), written as
+``Analysis.write`` writes it.
+"""
 
 from __future__ import annotations
 
@@ -9,6 +14,7 @@ from pathlib import Path
 import torch
 
 from deepufm import validate as V
+from deepufm.errors import ConfigError
 from deepufm.metrics.layer_report import layer_report
 from deepufm.models.config import resolve_device
 from deepufm.training.probes import loss_probe
@@ -30,8 +36,41 @@ def register(sub) -> None:
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     p.add_argument(
-        "run_dir", metavar="RUN_DIR", help="run directory with config.json and params.npz"
+        "run_dir",
+        metavar="RUN_DIR",
+        nargs="?",
+        help="run directory with config.json and params.npz (optional with --model)",
     )
+    g = p.add_argument_group("your own classifier (deepufm.analyze)")
+    g.add_argument(
+        "--model",
+        metavar="PKG.MODULE:FACTORY",
+        help="a factory returning the nn.Module, importable from the current directory or "
+        "PYTHONPATH",
+    )
+    g.add_argument("--weights", metavar="FILE.pt", help="a state_dict, loaded strictly")
+    g.add_argument(
+        "--data",
+        metavar="NAME|FILE.npz",
+        help="a built-in data set (mnist-embedded, mnist, fashion-mnist, cifar10) or an .npz "
+        "with X and y",
+    )
+    g.add_argument(
+        "--loss",
+        choices=["mse", "ce"],
+        default="mse",
+        help="data loss: mse = 1/(2N) sum ||z - e_y||^2 (K/2 x nn.MSELoss), ce = cross-entropy",
+    )
+    g.add_argument("--out", metavar="DIR", help="write results.json, figures/, report.html here")
+    g.add_argument(
+        "--linear",
+        metavar="NAME",
+        action="append",
+        help="nn.Linear module to analyse, repeatable (default: every one, in forward order)",
+    )
+    g.add_argument("--batch-size", type=int, help="samples per forward pass (memory only)")
+    g.add_argument("--data-dir", help="data directory of a built-in data set")
+    g.add_argument("--per-class", type=int, help="images per class of a built-in data set")
     p.add_argument(
         "--layer", type=int, action="append", help="layer(s) to analyse, repeatable (default: all)"
     )
@@ -58,7 +97,10 @@ def register(sub) -> None:
     )
     p.add_argument("--plot", metavar="DIR", help="also write the spectra as PNG figures into DIR")
     p.add_argument(
-        "--device", default="cpu", help="device for the computation: auto, cpu, cuda or cuda:N"
+        "--device",
+        default="cpu",
+        help="device for the computation: auto, cpu, cuda or cuda:N (RUN_DIR form; with --model "
+        "the factory's device)",
     )
     p.set_defaults(func=run)
 
@@ -158,7 +200,59 @@ def _plot(result: dict, out: Path) -> None:
         save(fig, out, f"analyze-layer{e['layer']}")
 
 
+def run_model(args: argparse.Namespace) -> int:
+    """The ``--model`` form."""
+    from deepufm.analysis import analyze as analyze_model
+    from deepufm.analysis.loading import load_data, load_factory, load_weights
+
+    if args.data is None:
+        raise ConfigError("--data", None, "a built-in data set name or an .npz with X and y")
+    model = load_factory(args.model)
+    if args.weights:
+        load_weights(model, args.weights)
+    X, y = load_data(args.data, model, args.data_dir, args.per_class)
+    result = analyze_model(
+        model,
+        (X, y),
+        args.loss,
+        args.linear,
+        batch_size=args.batch_size,
+        full=args.full,
+        rank_rtol=args.rank_rtol,
+    )
+    if args.out:
+        html = result.write(args.out)
+        if not args.json:
+            print(f"wrote {html}")
+    if args.json:
+        print(result.to_json())
+    elif not args.out:
+        _print_model_table(result.to_dict())
+    return 0
+
+
+def _print_model_table(result: dict) -> None:
+    cfg = result["config"]
+    print(f"{cfg['model']}: loss {cfg['data_loss']:.10g}   accuracy {cfg['accuracy']:.4f}")
+    for e in result["layers"]:
+        K = len(e["gradient_coefficients"])
+        print(f"\nlayer {e['layer']} ({e['name']}): {e['hessian_route']}")
+        print(
+            f"  Hessian top eigenvalues   {', '.join(f'{v:.6g}' for v in e['hessian_eigenvalues'][: K * K + 1])}"
+        )
+        print(f"  outliers {e['outlier_count']}   Papyan ranks {e['papyan_ranks']}")
+        print(f"  NC1 {e['nc1']}   effective ranks H {e['effective_rank_hessian']:.4g}")
+
+
 def run(args: argparse.Namespace) -> int:
+    if args.model:
+        if args.run_dir:
+            raise ConfigError(
+                "RUN_DIR", args.run_dir, "nothing with --model (the model comes from its factory)"
+            )
+        return run_model(args)
+    if args.run_dir is None:
+        raise ConfigError("RUN_DIR", None, "a run directory, or --model PKG.MODULE:FACTORY")
     result = analyze(
         Path(args.run_dir),
         args.layer,

@@ -62,7 +62,8 @@ def collapse_note(H: Tensor, K: int) -> str | None:
 
 
 def nc1(H: Tensor, K: int) -> float:
-    """NC1 ``= tr(Sigma_W Sigma_B^+) / K`` (Papyan, Han & Donoho 2020).
+    """NC1 ``= tr(Sigma_W Sigma_B^+) / K`` (Papyan, Han & Donoho 2020) of class-major features
+    ``H`` ``(d, N)``: :func:`labelled_nc1` with ``n = N / K`` consecutive samples per class.
 
     ``Sigma_W`` is the within-class covariance (mean over all N samples), ``Sigma_B`` the
     between-class covariance of the class means around the global mean; ``^+`` the pseudo-inverse.
@@ -70,19 +71,8 @@ def nc1(H: Tensor, K: int) -> float:
     solution; :func:`collapse_note` says which) or the features are not finite: the pseudo-inverse
     of a zero ``Sigma_B`` would report 0, perfect collapse, for the very point NC1 rules out.
     """
-    d, N = H.shape
-    if not bool(torch.isfinite(H).all()) or _feature_degeneracy(H, K) is not None:
-        return float("nan")
-    M = class_means(H, K)
-    within = (H.reshape(d, K, N // K) - M.unsqueeze(2)).reshape(d, N)
-    sigma_w = within @ within.T / N
-    centred = M - M.mean(dim=1, keepdim=True)
-    sigma_b = centred @ centred.T / K
-    try:
-        pinv = torch.linalg.pinv(sigma_b, hermitian=True)
-    except torch.linalg.LinAlgError:  # wildly scaled features: NC1 is undefined
-        return float("nan")
-    return float(torch.trace(sigma_w @ pinv) / K)
+    y = torch.arange(K, device=H.device).repeat_interleave(H.shape[1] // K)
+    return labelled_nc1(H, y, K)
 
 
 def orthogonal_frame_distance(M: Tensor) -> float:
@@ -110,3 +100,44 @@ def etf_distance(M: Tensor) -> float:
     K = gram.shape[0]
     S = torch.eye(K, dtype=gram.dtype, device=gram.device) - 1.0 / K
     return float(torch.linalg.norm(gram / torch.linalg.norm(gram) - S / (K - 1) ** 0.5))
+
+
+# -- labelled features (any sample order, unbalanced classes) ---------------------------------------
+# Convention for unbalanced classes: mu_c is the mean of the samples of class c, the global mean is
+# the *unweighted* mean of the class means, mu_G = (1/K) sum_c mu_c, Sigma_W averages over all N
+# samples and Sigma_B over the K classes. For balanced classes this is exactly Papyan, Han & Donoho
+# (2020)'s NC1; with the unweighted mu_G, Sigma_B depends on the class means alone (every class
+# counts once, however many samples it has), which is what the geometry of the means (ETF /
+# orthogonal frame) is judged on.
+
+
+def labelled_class_means(H: Tensor, y: Tensor, K: int) -> Tensor:
+    """Class means of features ``H`` ``(d, N)`` with labels ``y`` ``(N,)`` in ``[0, K)``, any order:
+    ``(d, K)``. Every class must have a sample (column ``c`` would be undefined)."""
+    onehot = torch.nn.functional.one_hot(y.to(torch.long), K).to(H.dtype)  # (N, K)
+    counts = onehot.sum(dim=0)
+    if bool((counts == 0).any()):
+        raise ValueError(f"class {int((counts == 0).nonzero()[0])} has no sample")
+    return (H @ onehot) / counts
+
+
+def labelled_nc1(H: Tensor, y: Tensor, K: int) -> float:
+    """NC1 ``= tr(Sigma_W Sigma_B^+) / K`` for features ``H`` ``(d, N)`` with labels ``y`` ``(N,)``
+    (any order, unbalanced classes; convention above); ``nan`` at degenerate means or non-finite
+    features, as :func:`nc1`."""
+    N = H.shape[1]
+    if not bool(torch.isfinite(H).all()):
+        return float("nan")
+    M = labelled_class_means(H, y, K)
+    largest = int(torch.bincount(y.to(torch.long), minlength=K).max())
+    if means_degeneracy(M, float(H.abs().max()), largest) is not None:
+        return float("nan")
+    within = H - M[:, y.to(torch.long)]
+    sigma_w = within @ within.T / N
+    centred = M - M.mean(dim=1, keepdim=True)
+    sigma_b = centred @ centred.T / K
+    try:
+        pinv = torch.linalg.pinv(sigma_b, hermitian=True)
+    except torch.linalg.LinAlgError:  # wildly scaled features: NC1 is undefined
+        return float("nan")
+    return float(torch.trace(sigma_w @ pinv) / K)
