@@ -100,3 +100,41 @@ def test_strict_build(tmp_path):
     matrices = (site / "api" / "matrices" / "index.html").read_text()
     assert 'id="deepufm.matrices.spectra.numerical_rank"' in matrices
     assert "numerical-zero threshold" in matrices
+
+
+# -- the gallery page: the registry's figures and tables, by experiment ----------------------------
+GALLERY = DOCS / "gallery.md"
+
+
+def gallery_page() -> str:
+    """docs/gallery.md from the experiment registry (``python tests/test_docs.py`` rewrites it)."""
+    from deepufm.experiments.registry import EXPERIMENTS, PRESETS
+
+    lines = [
+        "# Gallery",
+        "",
+        "The figures and tables each experiment writes, by id, with their captions — generated",
+        "from the experiment registry (`deepufm run --list`). `deepufm run EXPERIMENT` writes",
+        "`figures/<id>.png` and `.pdf` (tables: `tables/<id>.md` and `.csv`) into its run",
+        "directory, with every prediction beside its measurement in `report.html`; presets: "
+        + ", ".join(f"`{p}`" for p in PRESETS)
+        + ".",
+        "",
+    ]
+    for exp in EXPERIMENTS.values():
+        data = " Needs `--data-dir` unless the data ship with an extra." if exp.needs_data else ""
+        # the registry cites the project's internal specification; the site cites the paper
+        description = re.sub(r",? THEORY §[\d.]+", "", exp.description)
+        lines += [f"## `{exp.name}`", "", f"{description}.{data}", "", "| id | content |"]
+        lines += ["|---|---|"]
+        lines += [f"| `{it.id}` | {it.description} |" for it in exp.items]
+        lines += ["", "```bash", f"deepufm run {exp.name}", "```", ""]
+    return "\n".join(lines)
+
+
+def test_gallery_matches_the_registry():
+    assert GALLERY.read_text() == gallery_page(), "regenerate it: python tests/test_docs.py"
+
+
+if __name__ == "__main__":
+    GALLERY.write_text(gallery_page())
