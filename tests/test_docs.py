@@ -97,6 +97,9 @@ def test_strict_build(tmp_path):
     concepts = (site / "concepts" / "index.html").read_text()
     assert "Papyan" in concepts and "2404.06106" in concepts
     # mkdocstrings rendered the reference: a function's heading and its docstring
+    # the hook rewrote every specification reference and Sphinx role of the docstrings
+    pages = "".join(p.read_text() for p in site.rglob("*.html"))
+    assert "THEORY" not in pages and ":func:" not in pages
     matrices = (site / "api" / "matrices" / "index.html").read_text()
     assert 'id="deepufm.matrices.spectra.numerical_rank"' in matrices
     assert "numerical-zero threshold" in matrices
@@ -138,3 +141,22 @@ def test_gallery_matches_the_registry():
 
 if __name__ == "__main__":
     GALLERY.write_text(gallery_page())
+
+
+def test_hook_rewrites_roles_and_specification_references():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("docs_hooks", DOCS / "hooks.py")
+    hooks = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(hooks)
+
+    class Page:
+        url = "api/matrices/"
+
+    html = "the optimum (THEORY §4.2, M3); :class:<code>~torch.nn.Linear</code>; THEORY says"
+    out = hooks.on_page_content(html, Page(), None, None)
+    assert out == (
+        'the optimum (see <a href="../../concepts/#deep-neural-collapse">deep neural collapse</a>, '
+        '<a href="../../concepts/#the-curvature-matrices">the matrices</a>); '
+        "<code>torch.nn.Linear</code>; the paper says"
+    )
