@@ -1,0 +1,162 @@
+"""The documentation: the strict MkDocs build and the Python examples of docs/*.md.
+
+Each page's ```python blocks run in order in one namespace (a page reads as one session), so
+an example that stops matching the library fails here. A block preceded by the line
+``<!-- docs-test: skip -->`` is not run (for one that takes minutes or needs a data set).
+"""
+
+from __future__ import annotations
+
+import linecache
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+DOCS = ROOT / "docs"
+SKIP = "<!-- docs-test: skip -->"
+BLOCK = re.compile(r"^```python\n(.*?)^```", re.S | re.M)
+
+
+def python_blocks(text: str) -> list[str]:
+    """The ```python blocks of a Markdown page, less those marked ``SKIP`` on the line before."""
+    blocks = []
+    for m in BLOCK.finditer(text):
+        before = text[: m.start()].rstrip("\n").rsplit("\n", 1)[-1]
+        if before.strip() != SKIP:
+            blocks.append(m.group(1))
+    return blocks
+
+
+PAGES = sorted(p for p in DOCS.rglob("*.md") if python_blocks(p.read_text()))
+
+
+def test_block_extraction_honours_the_skip_marker():
+    page = f"a\n```python\nx = 1\n```\n{SKIP}\n```python\nraise SystemExit\n```\n```bash\nls\n```\n"
+    assert python_blocks(page) == ["x = 1\n"]
+
+
+def test_pages_with_examples_exist():
+    # the concepts and how-to pages carry runnable examples; an empty list would test nothing
+    assert {p.name for p in PAGES} >= {"concepts.md", "how-to.md"}
+
+
+@pytest.mark.parametrize("page", PAGES, ids=lambda p: str(p.relative_to(DOCS)))
+def test_examples_run(page, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # an example that writes files writes them here
+    namespace: dict = {"__name__": "__docs__"}
+    for i, block in enumerate(python_blocks(page.read_text())):
+        name = f"{page.name}[block {i + 1}]"
+        # so that a failing example's traceback shows its lines
+        linecache.cache[name] = (len(block), None, block.splitlines(True), name)
+        code = compile(block, name, "exec")
+        exec(code, namespace)
+
+
+def test_every_module_has_an_api_section():
+    # the API reference lists modules explicitly (no generator plugin): a new module must get a
+    # `::: deepufm.x.y` line in docs/api/, or its public names would be missing from the site
+    documented = set(re.findall(r"^::: (deepufm[\w.]*)", _api_text(), re.M))
+    modules = set()
+    for path in (ROOT / "src" / "deepufm").rglob("*.py"):
+        parts = path.relative_to(ROOT / "src").with_suffix("").parts
+        modules.add(".".join(parts[:-1] if parts[-1] == "__init__" else parts))
+    assert modules - documented == set()
+
+
+def _api_text() -> str:
+    return "\n".join(p.read_text() for p in (DOCS / "api").glob("*.md"))
+
+
+def test_readme_points_only_inside_the_repository():
+    readme = (ROOT / "README.md").read_text()
+    assert "shared folder" not in readme and "THEORY.md" not in readme
+    assert "mkdocs build" in readme and "docs/concepts.md" in readme
+
+
+def test_strict_build(tmp_path):
+    if shutil.which("mkdocs") is None:
+        pytest.skip('mkdocs is not installed: pip install ".[docs]" to build the documentation')
+    env = dict(os.environ, NO_MKDOCS_2_WARNING="1")
+    # griffe reads the sources statically from mkdocs.yml's `paths: [src]`: nothing is imported
+    proc = subprocess.run(
+        [sys.executable, "-m", "mkdocs", "build", "--strict", "--site-dir", str(tmp_path / "site")],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    site = tmp_path / "site"
+    concepts = (site / "concepts" / "index.html").read_text()
+    assert "Papyan" in concepts and "2404.06106" in concepts
+    # mkdocstrings rendered the reference: a function's heading and its docstring
+    # the hook rewrote every specification reference and Sphinx role of the docstrings
+    pages = "".join(p.read_text() for p in site.rglob("*.html"))
+    assert "THEORY" not in pages and ":func:" not in pages
+    matrices = (site / "api" / "matrices" / "index.html").read_text()
+    assert 'id="deepufm.matrices.spectra.numerical_rank"' in matrices
+    assert "numerical-zero threshold" in matrices
+
+
+# -- the gallery page: the registry's figures and tables, by experiment ----------------------------
+GALLERY = DOCS / "gallery.md"
+
+
+def gallery_page() -> str:
+    """docs/gallery.md from the experiment registry (``python tests/test_docs.py`` rewrites it)."""
+    from deepufm.experiments.registry import EXPERIMENTS, PRESETS
+
+    lines = [
+        "# Gallery",
+        "",
+        "The figures and tables each experiment writes, by id, with their captions — generated",
+        "from the experiment registry (`deepufm run --list`). `deepufm run EXPERIMENT` writes",
+        "`figures/<id>.png` and `.pdf` (tables: `tables/<id>.md` and `.csv`) into its run",
+        "directory, with every prediction beside its measurement in `report.html`; presets: "
+        + ", ".join(f"`{p}`" for p in PRESETS)
+        + ".",
+        "",
+    ]
+    for exp in EXPERIMENTS.values():
+        data = " Needs `--data-dir` unless the data ship with an extra." if exp.needs_data else ""
+        # the registry cites the project's internal specification; the site cites the paper
+        description = re.sub(r",? THEORY §[\d.]+", "", exp.description)
+        lines += [f"## `{exp.name}`", "", f"{description}.{data}", "", "| id | content |"]
+        lines += ["|---|---|"]
+        lines += [f"| `{it.id}` | {it.description} |" for it in exp.items]
+        lines += ["", "```bash", f"deepufm run {exp.name}", "```", ""]
+    return "\n".join(lines)
+
+
+def test_gallery_matches_the_registry():
+    assert GALLERY.read_text() == gallery_page(), "regenerate it: python tests/test_docs.py"
+
+
+if __name__ == "__main__":
+    GALLERY.write_text(gallery_page())
+
+
+def test_hook_rewrites_roles_and_specification_references():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("docs_hooks", DOCS / "hooks.py")
+    hooks = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(hooks)
+
+    class Page:
+        url = "api/matrices/"
+
+    html = "the optimum (THEORY §4.2, M3); :class:<code>~torch.nn.Linear</code>; THEORY says"
+    out = hooks.on_page_content(html, Page(), None, None)
+    assert out == (
+        'the optimum (see <a href="../../concepts/#deep-neural-collapse">deep neural collapse</a>, '
+        '<a href="../../concepts/#the-curvature-matrices">the matrices</a>); '
+        "<code>torch.nn.Linear</code>; the paper says"
+    )
