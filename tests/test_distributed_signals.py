@@ -158,6 +158,6 @@ def test_sigterm_to_torchrun_stops_both_ranks_with_one_checkpoint(tmp_path):
     text = log.read_text()
     stopped_epoch(text, out)
     # torchrun passed SIGTERM on to both ranks, which stopped on their own (it escalates to
-    # SIGKILL for a rank still running after its --shutdown-timeout), and it exits 1.
-    assert code == 1, text
+    # SIGKILL for a rank still running after its --shutdown-timeout); it fails itself.
+    assert code != 0, text
     assert text.count("closing signal SIGTERM") == 2 and "SIGKILL" not in text, text
