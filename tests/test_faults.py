@@ -4,6 +4,7 @@ full disk, one writer per directory, trustworthy checkpoints, signals, metrics r
 Every test writes the damage itself (foreign files, corrupt checkpoints, a mocked full disk, a
 second writer, a real signal) and then byte-compares the files that must survive."""
 
+import contextlib
 import errno
 import json
 import os
@@ -47,30 +48,32 @@ def snapshot(root: Path) -> dict[str, bytes]:
     return {p.relative_to(root).as_posix(): p.read_bytes() for p in root.rglob("*") if p.is_file()}
 
 
+def tiny_preset(name):
+    return linear_ufm.Preset(
+        UFMConfig(K=3, n=4, d=5, L=3, lam=0.01, device="cpu"),
+        TrainConfig(lr=0.5, epochs=400, probes_per_decade=2, checkpoint_every=1e-9),
+        2,
+        (0, 400),
+        1e-2,
+    )
+
+
+def two_figures(fig_dir, records, snaps, cfg, l, k):
+    # Drawing the family's 13 figures dominates the run; two small ones go through the same
+    # writer (atomic, recorded in the manifest).
+    from deepufm.experiments import plotting as P
+
+    out = []
+    for fid in ("v1-fig3", "v1-fig5"):
+        fig, axes = P.new_figure()
+        axes[0, 0].plot([r["epoch"] for r in records], [r["loss"] for r in records])
+        out.append((fid, "loss", P.save(fig, fig_dir, fid)))
+    return out
+
+
 @pytest.fixture
 def tiny_linear(monkeypatch):
-    def tiny(name):
-        return linear_ufm.Preset(
-            UFMConfig(K=3, n=4, d=5, L=3, lam=0.01, device="cpu"),
-            TrainConfig(lr=0.5, epochs=400, probes_per_decade=2, checkpoint_every=1e-9),
-            2,
-            (0, 400),
-            1e-2,
-        )
-
-    def two_figures(fig_dir, records, snaps, cfg, l, k):
-        # Drawing the family's 13 figures dominates the run; two small ones go through the same
-        # writer (atomic, recorded in the manifest).
-        from deepufm.experiments import plotting as P
-
-        out = []
-        for fid in ("v1-fig3", "v1-fig5"):
-            fig, axes = P.new_figure()
-            axes[0, 0].plot([r["epoch"] for r in records], [r["loss"] for r in records])
-            out.append((fid, "loss", P.save(fig, fig_dir, fid)))
-        return out
-
-    monkeypatch.setattr(linear_ufm, "preset", tiny)
+    monkeypatch.setattr(linear_ufm, "preset", tiny_preset)
     monkeypatch.setattr(linear_ufm, "_figures", two_figures)
 
 
@@ -178,6 +181,74 @@ def test_a_killed_rerun_keeps_the_earlier_results(tmp_path, capsys, tiny_linear,
     for name in ("params.npz", "results.json", "report.md", "report.html", "spectra.npz"):
         assert after[name] == before[name], name
     assert all(after[n] == before[n] for n in before if n.startswith("figures/"))
+
+
+# `deepufm run linear-ufm` in a subprocess, with the tiny preset of `tiny_linear`; with
+# DEEPUFM_TEST_SLOW each checkpoint takes 0.2 s longer, so that a kill lands mid-training.
+RUNNER = """
+import os, sys, time
+sys.path.insert(0, {tests!r})
+import test_faults as T
+from deepufm.experiments import linear_ufm
+from deepufm.training import rundir as rd
+linear_ufm.preset, linear_ufm._figures = T.tiny_preset, T.two_figures
+if os.environ.get("DEEPUFM_TEST_SLOW"):
+    save = rd.save_checkpoint
+    def slow(*args, **kwargs):
+        save(*args, **kwargs)
+        time.sleep(0.2)
+    rd.save_checkpoint = slow
+from deepufm.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_a_sigkilled_rerun_keeps_the_earlier_results_and_the_next_run_completes(
+    tmp_path, capsys, tiny_linear
+):
+    out = tmp_path / "lin"
+    assert run_cli(capsys, "run", "linear-ufm", "--out", out, "--quiet")[0] == 0
+    before = snapshot(out)
+    old_ckpt = (out / "checkpoint.pt").stat().st_ino
+    runner = tmp_path / "runner.py"
+    runner.write_text(RUNNER.format(tests=str(Path(__file__).resolve().parent)))
+    src = str(Path(__file__).resolve().parents[1] / "src")
+    env = os.environ | {"DEEPUFM_TEST_SLOW": "1", "PYTHONPATH": src}
+    cmd = [sys.executable, str(runner), "run", "linear-ufm", "--out", str(out), "--quiet"]
+    proc = subprocess.Popen(cmd, env=env, stderr=subprocess.PIPE)
+    try:
+        # Kill once the rerun owns the directory and has replaced the checkpoint with its own.
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline and proc.poll() is None:
+            manifest = mf.read_manifest(out)
+            with contextlib.suppress(FileNotFoundError):
+                if manifest.status == "running" and (
+                    (out / "checkpoint.pt").stat().st_ino != old_ckpt
+                ):
+                    break
+            time.sleep(0.02)
+        assert proc.poll() is None, proc.stderr.read().decode()
+        proc.send_signal(signal.SIGKILL)
+        assert proc.wait(60) == -signal.SIGKILL
+    finally:
+        proc.kill()
+        proc.stderr.close()
+    assert mf.read_manifest(out).status == "running"  # it was killed mid-run
+    after = snapshot(out)
+    assert set(before) <= set(after), set(before) - set(after)  # every earlier file is there
+    finals = ["params.npz", "results.json", "report.md", "report.html", "spectra.npz"]
+    finals += [n for n in before if n.startswith("figures/") or n.startswith("tables/")]
+    for name in finals:
+        assert after[name] == before[name], name  # the earlier results, byte for byte
+    assert 0 < rd.load_checkpoint(out)["epoch"] < 400  # the rerun's own, readable
+    # The next run continues the killed one (its lock is stale) and ends as the first did.
+    code, _, err = run_cli(capsys, "run", "linear-ufm", "--out", out, "--quiet")
+    assert code == 0, err
+    assert mf.read_manifest(out).complete
+    assert (out / "results.json").read_bytes() == before["results.json"]
+    for name in ("params.npz", "spectra.npz"):
+        (tmp_path / name).write_bytes(before[name])
+        assert same_npz(out / name, tmp_path / name), name  # resumed exactly
 
 
 def test_out_under_a_file_read_only_target_and_config_directory(tmp_path, capsys, monkeypatch):

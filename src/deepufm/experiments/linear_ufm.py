@@ -61,7 +61,6 @@ def run(
     check_admissible(cfg)
     probe = SpectralProbe(layer=l, snapshot_epochs=pre.snapshots)
     result, records = train_ufm(out, cfg, tcfg, (*DEFAULT_PROBES, probe), progress, resume, probe)
-    probe.save(out / "spectra.npz")
     k = dnc_constants(cfg)
     figures = _figures(out / "figures", records, probe.snapshots, cfg, l, k)
     results = layer_predictions(result.model, k, pre.tolerance)

@@ -84,7 +84,6 @@ def run(
     check_admissible(cfg)
     probe = SpectralProbe(l, pre.snapshots, relu_tol=pre.relu_tol, zero_below=pre.zero_below)
     result, records = train_ufm(out, cfg, tcfg, (*DEFAULT_PROBES, probe), progress, resume, probe)
-    probe.save(out / "spectra.npz")
     model = result.model.zeroed(pre.zero_below)
     k = dnc_constants(cfg)
     reference = _linear_reference(cfg, pre)

@@ -26,6 +26,7 @@ from deepufm.experiments.checks import TRAINED_RANK_RTOL
 from deepufm.experiments.probes import SpectralProbe
 from deepufm.experiments.report import Report, write_report, write_table
 from deepufm.experiments.results import Result, compare, write_results
+from deepufm.experiments.runs import finish_spectra, track_spectra
 from deepufm.matrices import block_hessian, layer_hessian, module_hessian, weight_gram
 from deepufm.matrices.lanczos import lanczos_topk, rademacher
 from deepufm.matrices.operator import SymmetricMatrix
@@ -191,9 +192,9 @@ def run(
         ) from exc
     data = net.load_network_data(cfg, data_dir)
     out = Path(out)
-    spectral = SpectralProbe(l, pre.snapshots, path=out / "spectra.npz")
-    if resume:  # snapshots past the checkpoint are recomputed (identically) and replaced
-        spectral.load(out / "spectra.npz", before_epoch=cfg.epochs + 1)
+    spectral = SpectralProbe(l, pre.snapshots)
+    # snapshots past the checkpoint are recomputed (identically) and replaced
+    track_spectra(out, spectral, cfg.epochs + 1 if resume else None)
     state = net.train(
         cfg,
         data,
@@ -202,7 +203,7 @@ def run(
         progress=progress,
         resume=resume,
     )
-    spectral.save(out / "spectra.npz")
+    finish_spectra(out, spectral)
     records = rd.read_metrics(out)
     head = net.NetworkSnapshot(state.model, data, cfg, state.epoch).head().to(dtype=torch.float64)
     K = head.config.K

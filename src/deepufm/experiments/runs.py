@@ -22,6 +22,27 @@ from deepufm.training.probes import Probe
 from deepufm.training.trainer import TrainResult, TrainState, checkpoint_state, train
 
 SPECTRA = "spectra.npz"
+# Snapshots of the training in progress: ``spectra.npz`` is replaced only once training is done,
+# so that a rerun killed mid-training leaves the earlier run's spectra whole.
+PARTIAL_SPECTRA = "spectra.partial.npz"
+
+
+def track_spectra(out: Path, spectral: SpectralProbe, resume_before: int | None = None) -> None:
+    """Save ``spectral``'s snapshots to ``out/spectra.partial.npz`` as they are taken; when the
+    run continues, first restore those of epochs before ``resume_before`` (from the partial file,
+    else from ``spectra.npz``)."""
+    partial = out / PARTIAL_SPECTRA
+    if resume_before is not None:
+        spectral.load(partial if partial.is_file() else out / SPECTRA, resume_before)
+    spectral.path = partial
+
+
+def finish_spectra(out: Path, spectral: SpectralProbe) -> None:
+    """Training is done: every snapshot into ``out/spectra.npz`` (atomically), the partial file
+    removed."""
+    spectral.save(out / SPECTRA)
+    spectral.path = None
+    (out / PARTIAL_SPECTRA).unlink(missing_ok=True)
 
 
 def check_stored(out: Path, stored: dict[str, Any], wanted: dict[str, Any]) -> None:
@@ -47,9 +68,8 @@ def train_ufm(
 ) -> tuple[TrainResult, list[dict[str, Any]]]:
     """Train ``cfg`` with ``tcfg`` into ``out``; returns the result and every probe record of the
     run (those of earlier sessions included). ``spectral`` (one of ``probes``) saves its
-    snapshots to ``out/spectra.npz`` as it takes them."""
-    if spectral is not None:
-        spectral.path = out / SPECTRA
+    snapshots as it takes them (:func:`track_spectra`), and all of them to ``out/spectra.npz``
+    when training is done."""
     state = None
     if resume and (out / rd.CONFIG).is_file():
         stored_model, stored_train = rd.read_config(out)
@@ -62,10 +82,14 @@ def train_ufm(
         epoch = 0 if state is None else state.epoch
         rd.repair_metrics(out, epoch)
         if spectral is not None:
-            spectral.load(out / SPECTRA, epoch)
+            track_spectra(out, spectral, epoch)
     else:
         rd.write_config(out, cfg, tcfg)
         rd.rewrite_metrics(out, [])
+        if spectral is not None:
+            track_spectra(out, spectral)
     state = TrainState(DeepUFM.init(cfg)) if state is None else state
     result = train(state, tcfg, out, probes, progress)
+    if spectral is not None:
+        finish_spectra(out, spectral)
     return result, rd.read_metrics(out)

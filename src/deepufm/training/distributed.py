@@ -19,6 +19,14 @@ batch on every rank:
 
 Probes, the progress bar and checkpoints run on rank 0 only (the other ranks wait for it at their
 next collective). Probes must not use collectives, so ``bn_mode="train"`` probes are refused.
+
+**SIGINT/SIGTERM** (to one rank, to all, or to ``torchrun``, which passes its signal on to every
+rank): each rank only notes the signal; at the end of every epoch the ranks all-reduce it (MAX of
+the signal numbers, one 8-byte collective per epoch), so all stop after the same epoch; rank 0
+writes the checkpoint, every rank waits until it is on disk, then every rank exits with
+``128 + signal`` and rank 0 prints the command that resumes. ``torchrun`` kills ranks that have not
+exited ``--shutdown-timeout`` seconds (30 by default) after passing the signal on, so an epoch must
+take less than that.
 """
 
 from __future__ import annotations
@@ -26,6 +34,8 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
+import shlex
+import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -36,7 +46,7 @@ from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 
 from deepufm.data import ClassificationData
-from deepufm.errors import ConfigError
+from deepufm.errors import ConfigError, DeepUFMError, Interrupted, RunError
 from deepufm.training import manifest as mf
 from deepufm.training import rundir as rd
 from deepufm.training.network import (
@@ -46,6 +56,7 @@ from deepufm.training.network import (
     NetworkProbe,
     NetworkState,
     NetworkTrainConfig,
+    RankStop,
     _loop,
     _open_run,
     load_network_data,
@@ -170,11 +181,15 @@ def train_distributed(
     progress: bool = False,
     resume: bool = False,
     overwrite: bool = False,
+    resume_command: str | None = None,
 ) -> NetworkState:
     """:func:`deepufm.training.network.train` on every rank of an initialised process group.
 
     Call it on every rank with the same arguments (the data in full on each). Returns each rank's
-    final state (identical parameters on all ranks; ``records`` only on rank 0).
+    final state (identical parameters on all ranks; ``records`` only on rank 0). A SIGINT/SIGTERM
+    stops every rank after the same epoch with a checkpoint (module docstring); the
+    :class:`~deepufm.errors.Interrupted` of rank 0 names ``resume_command`` (default: this call
+    with ``resume=True``).
     """
     rank, world = _check(config)
     run_path = None if run_dir is None else Path(run_dir)
@@ -197,13 +212,34 @@ def train_distributed(
                     else restore_state(config, data, payload)
                 )
                 state.run_dir = run_path
-        state = _train_ranks(state, config, data, probes, progress, world, rank)
+        hint = resume_command or (
+            f"deepufm.training.distributed.train_distributed(config, data, {str(run_path)!r}, "
+            "resume=True) on every rank"
+        )
+        state = _train_ranks(state, config, data, probes, progress, world, rank, hint)
         if run_path is not None and rank == 0:
             mf.finish(run_path)
     return state
 
 
-def _train_ranks(state, config, data, probes, progress, world, rank) -> NetworkState:
+def rank_stop(device: torch.device, hint: str | None = None) -> RankStop:
+    """The collectives by which the ranks stop together (:class:`~deepufm.training.network.RankStop`);
+    their tensors live on ``device`` (NCCL needs CUDA tensors)."""
+
+    def agree(signum: int) -> int:
+        flag = torch.tensor([signum], dtype=torch.int64, device=device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return int(flag.item())
+
+    def confirm(written: bool) -> bool:
+        flag = torch.tensor([int(written)], dtype=torch.int64, device=device)
+        dist.broadcast(flag, src=0)
+        return bool(flag.item())
+
+    return RankStop(agree, confirm, hint)
+
+
+def _train_ranks(state, config, data, probes, progress, world, rank, hint=None) -> NetworkState:
     if config.bn_train == "batch" and world > 1:
         sync_batchnorm(state.model)
     device = torch.device(config.device)
@@ -212,7 +248,8 @@ def _train_ranks(state, config, data, probes, progress, world, rank) -> NetworkS
     )
     X = data.X.to(device, config.torch_dtype)
     y = data.y.to(device)
-    return _loop(state, net, X, y, data, probes, progress, world, rank)
+    together = rank_stop(device, hint)
+    return _loop(state, net, X, y, data, probes, progress, world, rank, together)
 
 
 # -- torchrun entry point -------------------------------------------------------------------------
@@ -254,23 +291,59 @@ def _overrides(pairs: Sequence[str]) -> dict[str, Any]:
     return out
 
 
-def main(argv: Sequence[str] | None = None) -> None:
-    """Entry point under ``torchrun`` (reads ``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK`` ...)."""
+def resume_command(argv: Sequence[str]) -> str:
+    """The torchrun command that continues the run ``argv`` (this module's arguments) started."""
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("WORLD_SIZE", "1")))
+    nodes = max(1, int(os.environ.get("WORLD_SIZE", "1")) // max(local, 1))
+    launch = f"torchrun --nproc-per-node {local}"
+    if nodes > 1:
+        launch = f"torchrun --nnodes {nodes} --nproc-per-node {local} (your rendezvous options)"
+    kept = [a for a in argv if a not in ("--resume", "--overwrite")]
+    return f"{launch} -m deepufm.training.distributed {shlex.join(kept)} --resume"
+
+
+def _say(message: str) -> None:
+    print(f"deepufm.training.distributed: {message}", file=sys.stderr, flush=True)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point under ``torchrun`` (reads ``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK`` ...).
+
+    Returns the exit status: 0 done, 2 bad input, 1 a runtime failure, 130 / 143 stopped by
+    SIGINT / SIGTERM after the checkpoint was written (rank 0 prints how to resume).
+    """
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = _parse(argv)
-    config = preset(args.preset, args.dataset, **_overrides(args.set))
-    if config.device.startswith("cuda"):
-        local = int(os.environ.get("LOCAL_RANK", "0"))
-        config = config.replace(device=f"cuda:{local}")
-        torch.cuda.set_device(local)
-    dist.init_process_group("nccl" if config.device.startswith("cuda") else "gloo")
+    rank = int(os.environ.get("RANK", "0"))
     try:
-        data = load_network_data(config, args.data_dir)
-        train_distributed(
-            config, data, args.out, progress=True, resume=args.resume, overwrite=args.overwrite
-        )
-    finally:
-        dist.destroy_process_group()
+        config = preset(args.preset, args.dataset, **_overrides(args.set))
+        if config.device.startswith("cuda"):
+            local = int(os.environ.get("LOCAL_RANK", "0"))
+            config = config.replace(device=f"cuda:{local}")
+            torch.cuda.set_device(local)
+        dist.init_process_group("nccl" if config.device.startswith("cuda") else "gloo")
+        try:
+            data = load_network_data(config, args.data_dir)
+            train_distributed(
+                config,
+                data,
+                args.out,
+                progress=True,
+                resume=args.resume,
+                overwrite=args.overwrite,
+                resume_command=resume_command(argv),
+            )
+        finally:
+            dist.destroy_process_group()
+    except Interrupted as exc:
+        if rank == 0:
+            _say(f"stopped: {exc}")
+        return exc.exit_code
+    except DeepUFMError as exc:
+        _say(f"error (rank {rank}): {exc}")
+        return 1 if isinstance(exc, RunError) else 2
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -42,7 +42,7 @@ from tqdm.auto import tqdm
 from deepufm import __version__
 from deepufm import validate as V
 from deepufm.data import DATASETS, ClassificationData
-from deepufm.errors import ConfigError, DeepUFMError, DivergenceError, Interrupted
+from deepufm.errors import ConfigError, DeepUFMError, DivergenceError, Interrupted, RunError
 from deepufm.models.config import DTYPES
 from deepufm.models.resnet import (
     BN_MODES,
@@ -715,9 +715,14 @@ def _loop(
     progress: bool,
     world: int = 1,
     rank: int = 0,
+    together: RankStop | None = None,
 ) -> NetworkState:
-    """The epoch loop shared by single-process and data-parallel training."""
-    from deepufm.training import manifest as mf
+    """The epoch loop shared by single-process and data-parallel training.
+
+    With a run directory, SIGINT/SIGTERM are deferred to the end of the epoch (on every rank);
+    the ranks then agree on the signal (``together``), rank 0 writes the checkpoint and every rank
+    raises :class:`~deepufm.errors.Interrupted` at the same epoch.
+    """
     from deepufm.training import signals
 
     cfg = state.config
@@ -734,7 +739,11 @@ def _loop(
         dynamic_ncols=True,
         mininterval=0.5,
     )
-    stop = signals.deferred(writes and world == 1)
+    together = RankStop() if together is None else together
+    # Every rank defers the signal: the one that got it must still meet the others at the
+    # collectives of this epoch, and all must stop at the same one.
+    stop = signals.deferred(state.run_dir is not None)
+    agree = world > 1 and state.run_dir is not None
     ckpt_epoch = None
     try:
         pending = stop.__enter__()
@@ -760,17 +769,14 @@ def _loop(
                     state.epoch, lr, rd.kept_checkpoint_message(state.run_dir if writes else None)
                 )
             bar.update(1)
-            signum = pending()
-            if writes and (signum or state.epoch % cfg.checkpoint_every == 0):
+            signum = together.agree(pending() or 0) if agree else pending()
+            if signum:
+                state.elapsed = time.perf_counter() - t_start
+                _stop(state, signum, together, writes, start_loss[0], lr)
+            if writes and state.epoch % cfg.checkpoint_every == 0:
                 state.elapsed = time.perf_counter() - t_start
                 _checkpoint(state, start_loss[0], lr)
                 ckpt_epoch = state.epoch
-            if signum:
-                where = (
-                    f"checkpoint written to {state.run_dir / rd.CHECKPOINT}; continue with "
-                    f"`{mf.resume_hint(state.run_dir)}`."
-                )
-                raise Interrupted(signum, state.epoch, where)
     finally:
         stop.__exit__(None, None, None)
         bar.close()
@@ -778,6 +784,55 @@ def _loop(
     if writes and ckpt_epoch != state.epoch:  # else checkpoint.prev.pt would repeat it
         _checkpoint(state, start_loss[0] if start_loss else math.inf, cfg.lr_at(state.epoch))
     return state
+
+
+@dataclass(frozen=True)
+class RankStop:
+    """How the ranks of a data-parallel run stop together on a signal; the defaults are those of
+    a single process.
+
+    Attributes:
+        agree: this rank's pending signal number (0: none) -> the one every rank acts on (the
+            largest over the ranks: one tiny collective per epoch).
+        confirm: rank 0's "the checkpoint is written" -> the same on every rank (a collective:
+            no rank leaves before the checkpoint is on disk, since a launcher stops the remaining
+            ranks as soon as one exits).
+        hint: the command that resumes the run (``None``: :func:`~deepufm.training.manifest.resume_hint`).
+    """
+
+    agree: Callable[[int], int] = lambda signum: signum
+    confirm: Callable[[bool], bool] = lambda written: written
+    hint: str | None = None
+
+
+def _stop(
+    state: NetworkState,
+    signum: int,
+    together: RankStop,
+    writes: bool,
+    start_loss: float,
+    lr: float,
+) -> None:
+    """Checkpoint on rank 0 (``writes``), then raise :class:`Interrupted` on every rank."""
+    from deepufm.training import manifest as mf
+
+    written = False
+    try:
+        if writes:
+            _checkpoint(state, start_loss, lr)
+        written = writes
+    finally:
+        written = together.confirm(written)  # also when rank 0 failed: the others must not wait
+    if not written:
+        raise RunError(
+            f"interrupted at epoch {state.epoch}, but rank 0 could not write the checkpoint "
+            "(see its message); the previous checkpoint, if any, is kept."
+        )
+    if not writes:  # another rank: rank 0 says where to resume
+        raise Interrupted(signum, state.epoch, "rank 0 wrote the checkpoint.")
+    hint = together.hint or mf.resume_hint(state.run_dir)
+    where = f"checkpoint written to {state.run_dir / rd.CHECKPOINT}; continue with `{hint}`."
+    raise Interrupted(signum, state.epoch, where)
 
 
 # A mean batch objective this many times above the first one of the call: diverging, however
