@@ -11,6 +11,7 @@ from deepufm.experiments.registry import catalogue
 from deepufm.models.config import UFMConfig
 from deepufm.models.ufm import DeepUFM
 from deepufm.training.config import TrainConfig
+from test_faults import two_figures
 
 
 @pytest.fixture
@@ -156,6 +157,7 @@ def test_run_puts_the_models_on_the_device_given(tmp_path, monkeypatch):
         )
 
     monkeypatch.setattr(linear_ufm, "preset", short)
+    monkeypatch.setattr(linear_ufm, "_figures", two_figures)  # drawing is not what is tested
     seen = []
     real = DeepUFM.init
     monkeypatch.setattr(DeepUFM, "init", lambda cfg: seen.append(cfg.torch_device) or real(cfg))

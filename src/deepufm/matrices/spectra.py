@@ -11,14 +11,16 @@ are certified when the residuals and the orthogonality are below tolerance and
 ``deflated_max <= theta_k`` up to tolerance: then no eigenvalue above ``theta_k`` was missed.
 
 Collapse makes outliers *exactly* repeated (``K^2`` equal layer-Hessian eigenvalues at DNC). A
-block Krylov method finds at most ``block`` copies of a repeated eigenvalue (a random block has
-a rank-``block`` projection on the eigenspace). For a structured operator, whose product costs
-little more for ``k`` columns than for one (GEMMs), the block holds at least ``k`` vectors —
-right by construction for every multiplicity that can matter in a top-``k``. For a matrix-free
-operator (a ``ModuleHessian``: every column costs a Hessian-vector product) a block of 8 with a
-``3k`` basis needs ~8x fewer products on a spread spectrum (804 against 10,452 for the top 100
-of a small CNN); there, when the deflated check finds a missed eigenvalue, the solve starts again
-with a doubled block, up to ``k`` plus a margin. What cannot be certified is flagged
+block Krylov method adds at most ``block`` new directions of an eigenspace per step, so with a
+small block it can look converged while copies of a repeated eigenvalue are still missing. The
+iterative route therefore (1) grows its basis to ``min(2k, max_basis - block)`` vectors before it
+accepts convergence, so the copies enter through further blocks and through the fresh random
+directions injected when the Krylov space becomes invariant, (2) certifies the result with the
+deflated check, and (3) if that check still finds a missed eigenvalue, starts again with a doubled
+block, up to ``k`` plus a margin — a block that holds every copy a top-``k`` can need, by
+construction. A block of 8 with a ``3k`` basis needs far fewer products than a block of ``k``
+on a spread spectrum (804 against 10,452 for the top 100 of a small CNN's Hessian; 588 against
+2,724 for a ReLU layer Hessian, benchmarks/README.md). What cannot be certified is flagged
 (``certified=False`` with a reason), or raised with ``strict=True``.
 
 The rank rule: an eigenvalue (or singular value) is a numerical zero when
@@ -352,10 +354,9 @@ def default_block(k: int) -> int:
     return k + max(2, k // 8)
 
 
-def first_block(k: int, matrix_free: bool) -> int:
-    """The block of the first solve: :func:`default_block` for structured operators, at most 8
-    columns for matrix-free ones (module docstring)."""
-    return min(default_block(k), 8) if matrix_free else default_block(k)
+def first_block(k: int) -> int:
+    """The block of the first solve: 8 columns (``k`` plus a margin when that is fewer)."""
+    return min(default_block(k), 8)
 
 
 def iterative_topk(
@@ -385,7 +386,7 @@ def iterative_topk(
         strict: raise :class:`~deepufm.errors.UncertifiedError` instead of flagging.
     """
     p = op.size
-    b = first_block(k, op.matrix_free) if block is None else block
+    b = first_block(k) if block is None else block
     if isinstance(b, bool) or not isinstance(b, int) or b < 1:
         raise ConfigError("block", block, "an integer >= 1")
     products, attempt, result = 0, 0, None
@@ -397,7 +398,15 @@ def iterative_topk(
             raise ConfigError(
                 "max_basis", max_basis, f"at least k + block = {k + b_now} and below p - block"
             )
-        theta, V, used, scale = block_lanczos(op, k, tol, seed + 7919 * attempt, b_now, m_max)
+        enough = b_now >= default_block(k) or b_now >= (p - k) // 3
+        try:
+            theta, V, used, scale = block_lanczos(op, k, tol, seed + 7919 * attempt, b_now, m_max)
+        except ConvergenceError as exc:  # a block too small for a cluster can stall: grow it
+            products += exc.products
+            if enough:
+                raise ConvergenceError("block Lanczos", k, products) from None
+            b, attempt = min(2 * b_now, default_block(k)), attempt + 1
+            continue
         products += used
         check, check_products = deflated_ritz_max(op, V, seed + 104729 * (attempt + 1))
         products += check_products
@@ -411,7 +420,6 @@ def iterative_topk(
             products=products,
             scale=scale,
         )
-        enough = b_now >= default_block(k) or b_now >= (p - k) // 3
         if result.certified or enough:
             break
         b, attempt = min(2 * b_now, default_block(k)), attempt + 1
@@ -476,7 +484,8 @@ def block_lanczos(
     for _ in range(max(50, 20 * p // block)):
         state.extend()
         full = state.filled + block > max_basis  # basis and next block must fit
-        if state.filled < k or not (full or state.due()):
+        # accept convergence only once the basis could hold the missed copies of a cluster
+        if state.filled < min(2 * k, max_basis - block) or not (full or state.due()):
             continue
         theta, Y, resid = state.ritz()
         scale = float(theta.abs().max())
