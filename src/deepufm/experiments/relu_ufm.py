@@ -347,8 +347,9 @@ def _figures(
     )
     add(
         "v2-fig3",
-        "v2 Fig. 3: negative pre-activation entries per layer (-> 0 beyond the first ReLU, whose "
-        "flat family may keep them) and the orthogonal-frame distance (-> 0).",
+        "v2 Fig. 3: negative pre-activation entries per layer (-> 0 beyond the first ReLU; the "
+        "first keeps them on its flat family, this project's derivation, THEORY §7 [D]) and the "
+        "orthogonal-frame distance (-> 0).",
         fig,
     )
     ep, f = P.matrix_series(records, "f")
