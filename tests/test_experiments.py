@@ -167,7 +167,8 @@ def test_relu_ufm_experiment_end_to_end(tmp_path, capsys, tiny_relu):
     assert "v1 Table 4" in report and "not predicted" not in report
     inside = [r for r in results if r["scope"] == "in"]
     outside = len(results) - len(inside)
-    assert f"({len(inside) - 1}/{len(inside)} predictions hold; {outside} out of scope" in report
+    held = f"{len(inside) - 1}/{len(inside)} in-scope predictions hold; {outside} out of scope"
+    assert f"## Theory vs measurement ({held}" in report
     md, page = check_report(out)
     assert len(page.images) == sum("fig" in i for i, e, _ in catalogue() if e == "relu-ufm")
     # v1 Tables 3 (ReLU, linear) and 4: layer, K diagonal entries, max |off-diag|, the matrix

@@ -1,5 +1,7 @@
 """The report renderers on hand-made tables: escaping, the HTML page, the index of `run all`."""
 
+from dataclasses import replace
+
 import pytest
 
 from deepufm.cli import main
@@ -50,9 +52,10 @@ def test_run_all_writes_a_self_contained_index_linking_every_report(tmp_path, mo
     def fake(name, preset, out, **kwargs):
         out.mkdir(parents=True)
         held = name != "relu-ufm"
-        return Report(
-            f"{name} title", "", results=[compare("q", "T", 1, 1.0, 1.0 + 0.5 * (not held), 0.1)]
-        )
+        results = [compare("q", "T", 1, 1.0, 1.0 + 0.5 * (not held), 0.1)]
+        if name == "ce-ufm":
+            results.append(replace(compare("r", "T", 1, 1.0, 2.0, 0.1), scope="out: why"))
+        return Report(f"{name} title", "", results=results)
 
     monkeypatch.setattr(run_cli, "run_experiment", fake)
     assert main(["run", "all", "--out", str(tmp_path), "--quiet"]) == 0
@@ -61,7 +64,11 @@ def test_run_all_writes_a_self_contained_index_linking_every_report(tmp_path, mo
     assert page.tables[0][1:] == [
         ["linear-ufm", "linear-ufm title", "1/1 predictions hold"],
         ["relu-ufm", "relu-ufm title", "0/1 predictions hold"],
-        ["ce-ufm", "ce-ufm title", "1/1 predictions hold"],
+        [
+            "ce-ufm",
+            "ce-ufm title",
+            "1/1 in-scope predictions hold; 1 out of scope (0 of them hold anyway)",
+        ],
     ]
     assert "index.html" in capsys.readouterr().out
 

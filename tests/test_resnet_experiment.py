@@ -83,6 +83,8 @@ def test_cifar_resnet_runs_on_cifar_files_and_names_missing_ones(tmp_path, tiny_
     assert config["training"]["per_class"] == 3 and config["data"]["N"] == 30
     figures = {p.name for p in (out / "figures").iterdir()}
     assert {"v2-fig14.png", "v2-fig15.png", "v2-fig6.png"} <= figures
+    _, page = check_report(out)
+    assert len(page.images) == sum(e == "cifar-resnet" for _, e, _ in catalogue())
     assert config["data"]["name"] == "cifar10"
     capsys.readouterr()
     assert main([*args, "--data-dir", str(tmp_path / "empty")]) != 0

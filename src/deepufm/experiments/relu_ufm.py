@@ -161,7 +161,8 @@ def _applicability(negative: dict[int, float], L: int) -> tuple[dict[int, str], 
         bad = [m for m in range(l + 1, L + 1) if negative[m] > 0]
         if bad:
             where = ", ".join(f"u^({m}) {100 * negative[m]:.1f}% negative" for m in bad)
-            scopes[l] = f"out: Theorem 7 needs u^({l + 1})..u^({L}) >= 0 ({where})"
+            need = f"u^({L})" if l + 1 == L else f"u^({l + 1})..u^({L})"
+            scopes[l] = f"out: Theorem 7 needs {need} >= 0 ({where})"
             if bad == [2]:
                 notes[l] = FLAT_FAMILY
     return scopes, notes

@@ -32,11 +32,14 @@ class Report:
 
 def headline(results: Sequence[Result]) -> str:
     inside = [r for r in results if r.in_scope]
-    text = f"{sum(r.holds for r in inside)}/{len(inside)} predictions hold"
-    if len(inside) < len(results):
-        out = [r for r in results if not r.in_scope]
-        text += f"; {len(out)} out of scope ({sum(r.holds for r in out)} of them hold anyway)"
-    return text
+    held = f"{sum(r.holds for r in inside)}/{len(inside)}"
+    if len(inside) == len(results):
+        return f"{held} predictions hold"
+    out = [r for r in results if not r.in_scope]
+    return (
+        f"{held} in-scope predictions hold; {len(out)} out of scope "
+        f"({sum(r.holds for r in out)} of them hold anyway)"
+    )
 
 
 def markdown_cell(value: object) -> str:
