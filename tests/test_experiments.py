@@ -11,6 +11,7 @@ from deepufm.experiments.registry import catalogue
 from deepufm.models.config import UFMConfig
 from deepufm.models.ufm import DeepUFM
 from deepufm.training.config import TrainConfig
+from report_checks import check_report
 from test_faults import two_figures
 
 
@@ -32,7 +33,9 @@ def test_linear_ufm_experiment_end_to_end(tmp_path, capsys, tiny_linear):
     out = tmp_path / "lin"
     assert main(["run", "linear-ufm", "--out", str(out), "--quiet"]) == 0
     assert "predictions hold" in capsys.readouterr().out
-    results = json.loads((out / "results.json").read_text())
+    data = json.loads((out / "results.json").read_text())
+    assert set(data) == {"config", "constants", "results"}
+    results, config, constants = data["results"], data["config"], data["constants"]
     assert results and all(r["holds"] for r in results), [r for r in results if not r["holds"]]
     assert {
         "quantity",
@@ -40,17 +43,42 @@ def test_linear_ufm_experiment_end_to_end(tmp_path, capsys, tiny_linear):
         "layer",
         "predicted",
         "measured",
+        "abs_error",
         "rel_error",
         "tolerance",
         "holds",
+        "scope",
     } <= set(results[0])
     layers = {r["layer"] for r in results}
     assert layers == {1, 2, 3}
+    assert (config["experiment"], config["preset"], config["layer"]) == ("linear-ufm", "quick", 2)
+    assert config["model"]["K"] == 3 and config["training"]["epochs"] == 3000
+    # The constants are those of the closed form (THEORY §4.2: Lambda_l = c lam_l / (1-c)),
+    # and every Hessian prediction is one of them.
+    c = constants["c"]
+    assert constants["hessian_eigenvalue"] == pytest.approx([c * 0.01 / (1 - c)] * 3, rel=1e-14)
+    for r in results:
+        if r["quantity"].startswith("Hessian outlier eigenvalue"):
+            assert r["predicted"] == constants["hessian_eigenvalue"][r["layer"] - 1]
+        err = abs(r["measured"] - r["predicted"])
+        assert r["abs_error"] == pytest.approx(err, rel=1e-12, abs=1e-300)
+        if r["predicted"] == 0:  # e.g. rank G_within: no relative error, the tolerance is absolute
+            assert r["rel_error"] is None
+        else:
+            assert r["rel_error"] == pytest.approx(err / abs(r["predicted"]), rel=1e-12, abs=1e-300)
+    assert any(r["rel_error"] is None for r in results)
     figures = {p.name for p in (out / "figures").iterdir()}
     for item in linear_ufm_items():
         assert f"{item}.png" in figures and f"{item}.pdf" in figures
-    html = (out / "report.html").read_text()
-    assert "data:image/png;base64" in html and "Theory vs measurement" in html
+    md, page = check_report(out)
+    assert len(page.images) == len(linear_ufm_items())
+    header, *rows = md[0]  # theory vs measurement: one row per record of results.json
+    assert header[:3] == ["quantity", "theorem", "layer"] and len(rows) == len(results)
+    assert [r[0] for r in rows] == [r["quantity"] for r in results]
+    col = {name: i for i, name in enumerate(header)}
+    for row, r in zip(rows, results):
+        assert float(row[col["abs. error"]]) == pytest.approx(r["abs_error"], rel=1e-2, abs=1e-300)
+        assert (row[col["rel. error"]] == "—") == (r["rel_error"] is None)
     assert (
         (out / "report.md").is_file()
         and (out / "params.npz").is_file()
@@ -74,10 +102,16 @@ def test_run_list_names_every_figure(capsys):
 def test_ce_ufm_experiment_reproduces_theorem_9(tmp_path, capsys):
     out = tmp_path / "ce"
     assert main(["run", "ce-ufm", "--out", str(out), "--quiet"]) == 0
-    results = json.loads((out / "results.json").read_text())
+    data = json.loads((out / "results.json").read_text())
+    results = data["results"]
     assert all(r["holds"] for r in results), [r for r in results if not r["holds"]]
     assert any(r["quantity"].startswith("Hessian dominant spike") for r in results)
-    assert (out / "figures" / "ce-thm9.png").is_file()
+    lam0 = data["constants"]["lambda0"]  # the mini-bulk: lambda0 = alpha lam_l / K (THEORY §8)
+    assert lam0 == pytest.approx([data["constants"]["alpha"] * 0.01 / 3] * 3, rel=1e-14)
+    bulk = [r for r in results if r["quantity"].startswith("Hessian mini-bulk")]
+    assert [r["predicted"] for r in bulk] == lam0 and data["config"]["experiment"] == "ce-ufm"
+    md, page = check_report(out)
+    assert len(page.images) == 1 and len(md[0]) == len(results) + 1
 
 
 @pytest.fixture
@@ -102,19 +136,25 @@ def tiny_relu(monkeypatch):
 def test_relu_ufm_experiment_end_to_end(tmp_path, capsys, tiny_relu):
     out = tmp_path / "relu"
     assert main(["run", "relu-ufm", "--out", str(out), "--quiet"]) == 0
-    results = json.loads((out / "results.json").read_text())
-    # Every prediction either holds or says why it does not apply.
-    assert all(r["holds"] or r["note"] for r in results), [
-        r for r in results if not (r["holds"] or r["note"])
-    ]
+    data = json.loads((out / "results.json").read_text())
+    results = data["results"]
+    assert data["config"]["relu_tol"] == 1e-5 and data["config"]["model"]["activation"] == "relu"
+    # Inside Theorem 7's hypotheses every prediction holds, except the non-negativity of u^(2)
+    # (Definition 2), which gradient descent does not reproduce: it ends on the flat family.
+    misses = [r for r in results if r["scope"] == "in" and not r["holds"]]
+    assert [r["quantity"] for r in misses] == ["negative fraction of u^(2)"]
+    assert misses[0]["note"].startswith("not reproduced") and misses[0]["layer"] == 2
     by_layer = lambda l: [r for r in results if r["layer"] == l and "Hessian" in r["quantity"]]  # noqa: E731
-    assert all("flat family" in r["note"] for r in by_layer(1))
-    assert not any(r["note"] for r in by_layer(2) + by_layer(3))
+    # Layer 1's Jacobian carries the masks of u^(2): out of scope, with the hypothesis named.
+    assert all(r["scope"].startswith("out: Theorem 7 needs u^(2)..u^(3) >= 0") for r in by_layer(1))
+    assert all("flat family" in r["note"] and "[D]" in r["note"] for r in by_layer(1))
+    assert all(r["scope"] == "in" and not r["note"] for r in by_layer(2) + by_layer(3))
     rank = next(r for r in by_layer(2) if r["quantity"] == "Hessian rank")
     assert rank["measured"] == 9 and rank["holds"]
     neg = {r["quantity"]: r for r in results if r["quantity"].startswith("negative fraction")}
     assert neg["negative fraction of u^(2)"]["measured"] > 0.1
     assert neg["negative fraction of u^(3)"]["measured"] == 0
+    assert [r["layer"] for r in neg.values()] == [2, 3]  # u^(m) is the input of H_m
     figures = {p.name for p in (out / "figures").iterdir()}
     tables = {p.name for p in (out / "tables").iterdir()}
     for item, exp, _ in catalogue():
@@ -125,7 +165,22 @@ def test_relu_ufm_experiment_end_to_end(tmp_path, capsys, tiny_relu):
         else:
             assert f"{item}.png" in figures and f"{item}.pdf" in figures
     report = (out / "report.md").read_text()
-    assert "v1 Table 4" in report and "not predicted" in report
+    assert "v1 Table 4" in report and "not predicted" not in report
+    inside = [r for r in results if r["scope"] == "in"]
+    outside = len(results) - len(inside)
+    held = f"{len(inside) - 1}/{len(inside)} in-scope predictions hold; {outside} out of scope"
+    assert f"## Theory vs measurement ({held}" in report
+    md, page = check_report(out)
+    assert len(page.images) == sum("fig" in i for i, e, _ in catalogue() if e == "relu-ufm")
+    # v1 Tables 3 (ReLU, linear) and 4: layer, K diagonal entries, max |off-diag|, the matrix
+    header, *rows = md[0]
+    scope = header.index("scope")
+    assert [row[scope] for row in rows] == [r["scope"] for r in results]
+    grams = [t for t in md if "max |off-diag|" in t[0]]
+    assert len(grams) == 3
+    for table in grams:
+        assert table[0] == ["layer", "O_11", "O_22", "O_33", "max |off-diag|", "O"]
+        assert [row[0] for row in table[1:]] == ["1", "2", "3"]
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a CPU-only machine")
@@ -164,4 +219,5 @@ def test_run_puts_the_models_on_the_device_given(tmp_path, monkeypatch):
     out = tmp_path / "lin"
     assert main(["run", "linear-ufm", "--out", str(out), "--quiet", "--device", "cpu"]) == 0
     assert json.loads((out / "config.json").read_text())["model"]["device"] == "cpu"
+    assert json.loads((out / "results.json").read_text())["config"]["model"]["device"] == "cpu"
     assert seen == [torch.device("cpu")]

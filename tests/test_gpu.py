@@ -373,7 +373,7 @@ def test_run_mnist_resnet_on_the_device_matches_the_cpu(tmp_path, device, monkey
             assert main(["run", "mnist-resnet", "--out", str(out), "--quiet", "--device", dev]) == 0
         config = json.loads((out / "config.json").read_text())
         assert config["training"]["device"] == dev
-        results[dev] = json.loads((out / "results.json").read_text())
+        results[dev] = json.loads((out / "results.json").read_text())["results"]
     capsys.readouterr()
     for a, b in zip(results["cpu"], results[str(device)], strict=True):
         assert a["quantity"] == b["quantity"] and a["holds"] == b["holds"]

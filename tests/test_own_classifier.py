@@ -15,6 +15,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 import deepufm
 from deepufm.errors import ConfigError
+from report_checks import check_report
 
 K = 4
 
@@ -373,9 +374,9 @@ def test_write_results_figures_and_report(tmp_path):
     assert set(results) == {"config", "layers"}
     assert results == json.loads(a.to_json())
     assert list(results["layers"][0])[:2] == ["name", "layer"]
-    assert "data:image/png;base64," in html.read_text()
-    assert (out / "figures" / "layer-head.0.png").exists()
-    assert (out / "figures" / "effective-ranks.png").exists()
+    md, page = check_report(out)  # the max |gamma_cc - 1/K| column no longer splits the table
+    assert md[0][0][7] == "max |γ_cc - 1/K|" and [r[0] for r in md[0][1:]] == ["head.0"]
+    assert len(page.images) == 2 and html == out / "report.html"
     a.write(out)  # rewriting an earlier analysis is fine
     foreign = tmp_path / "mine"
     foreign.mkdir()

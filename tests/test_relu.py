@@ -42,7 +42,7 @@ def test_every_prediction_holds_at_a_definition_2_point():
     point = dnc_optimum(CFG, nonnegative=True)
     negative = relu_ufm._negative_fractions(point, 0.0)
     assert negative == {2: 0.0, 3: 0.0, 4: 0.0}
-    assert relu_ufm._applicability(negative, CFG.L) == {}
+    assert relu_ufm._applicability(negative, CFG.L) == ({}, {})  # every layer in scope
     results = layer_predictions(point, dnc_constants(CFG), 1e-9)
     assert results and all(r.holds for r in results), [r for r in results if not r.holds]
 
@@ -52,9 +52,12 @@ def test_flat_family_breaks_only_the_first_layer():
     negative = relu_ufm._negative_fractions(point, 1e-9)
     assert negative[2] == pytest.approx((CFG.K - 1) / CFG.d)
     assert negative[3] == negative[4] == 0.0
-    notes = relu_ufm._applicability(negative, CFG.L)
-    assert list(notes) == [1] and "flat family" in notes[1]
-    results = layer_predictions(point, dnc_constants(CFG), 1e-9, notes=notes)
+    scopes, notes = relu_ufm._applicability(negative, CFG.L)
+    assert list(notes) == [1] and "flat family" in notes[1] and "[D]" in notes[1]
+    assert scopes == {
+        1: f"out: Theorem 7 needs u^(2)..u^(4) >= 0 (u^(2) {100 * negative[2]:.1f}% negative)"
+    }
+    results = layer_predictions(point, dnc_constants(CFG), 1e-9, notes=notes, scopes=scopes)
     assert all(r.holds for r in results if r.layer != 1), [
         r for r in results if r.layer != 1 and not r.holds
     ]
@@ -62,7 +65,8 @@ def test_flat_family_breaks_only_the_first_layer():
     vals = layer_hessian(point, 1).eigvalsh()
     rank = int((vals > 1e-8 * vals[0]).sum())
     assert rank < CFG.K**2
-    assert all(r.note for r in results if r.layer == 1)
+    assert all(r.note and r.scope == scopes[1] for r in results if r.layer == 1)
+    assert all(r.scope == "in" for r in results if r.layer != 1)
 
 
 def test_zeroed_copies_and_leaves_the_model_alone():

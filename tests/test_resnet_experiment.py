@@ -13,6 +13,7 @@ from deepufm.experiments import resnet_head
 from deepufm.experiments.registry import catalogue
 from deepufm.matrices import DenseSymmetric, block_hessian, module_hessian
 from deepufm.training import network as net
+from report_checks import check_report
 from test_data import write_cifar
 
 
@@ -47,7 +48,10 @@ def tiny_network(monkeypatch):
 def test_mnist_resnet_experiment_end_to_end(tmp_path, tiny_network):
     out = tmp_path / "mnist"
     assert main(["run", "mnist-resnet", "--out", str(out), "--quiet"]) == 0
-    results = json.loads((out / "results.json").read_text())
+    data = json.loads((out / "results.json").read_text())
+    results = data["results"]
+    assert data["config"]["experiment"] == "mnist-resnet" and data["config"]["layer"] == 2
+    assert data["config"]["training"]["per_class"] == 3 and data["constants"]["outliers"] == 100
     quantities = {r["quantity"] for r in results}
     assert "Hessian outliers (log-gap rule)" in quantities
     assert all(r["layer"] == 2 for r in results)
@@ -55,7 +59,12 @@ def test_mnist_resnet_experiment_end_to_end(tmp_path, tiny_network):
     for item, exp, _ in catalogue():
         if exp == "mnist-resnet":
             assert f"{item}.png" in figures, item
-    assert (out / "tables" / "v2-thm6.csv").is_file()
+    md, _ = check_report(out)
+    thm6 = next(t for t in md if t[0] == ["quantity", "value"])
+    cells = {row[0]: row[1] for row in thm6[1:]}
+    assert float(cells["||H||_F (Hutchinson)"]) > 0 and float(cells["||H_WW||_F"]) > 0
+    gamma = next(row for row in md[0][1:] if row[0] == "max |gamma_cc - 1/K|")
+    assert len(gamma) == len(md[0][0])
     assert (out / "params.npz").is_file() or (out / "checkpoint.pt").is_file()
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     last = records[-1]
@@ -82,13 +91,15 @@ def test_cifar_resnet_runs_on_cifar_files_and_names_missing_ones(
     out = tmp_path / "run"
     args = ["run", "cifar-resnet", "--out", str(out), "--quiet"]
     assert main([*args, "--data-dir", str(tmp_path / "cifar"), "--per-class", "3"]) == 0
-    assert json.loads((out / "results.json").read_text())
+    assert json.loads((out / "results.json").read_text())["results"]
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert len(records[-1]["nc1"]) == 4  # one per head input
     config = json.loads((out / "config.json").read_text())
     assert config["training"]["per_class"] == 3 and config["data"]["N"] == 30
     figures = {p.name for p in (out / "figures").iterdir()}
     assert {"v2-fig14.png", "v2-fig15.png", "v2-fig6.png"} <= figures
+    _, page = check_report(out)
+    assert len(page.images) == sum(e == "cifar-resnet" for _, e, _ in catalogue())
     assert config["data"]["name"] == "cifar10"
     capsys.readouterr()
     assert main([*args, "--data-dir", str(tmp_path / "empty")]) != 0

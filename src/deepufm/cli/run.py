@@ -8,6 +8,7 @@ from pathlib import Path
 from deepufm.data import DATA_DIR_ENV
 from deepufm.errors import ConfigError
 from deepufm.experiments.registry import EXPERIMENTS, PRESETS, catalogue, run_experiment
+from deepufm.experiments.report import write_index
 
 
 def register(sub) -> None:
@@ -18,7 +19,8 @@ def register(sub) -> None:
             "Run a named experiment: train its models, measure every matrix, draw its figures "
             "(figures/<id>.png and .pdf), and write results.json (theory vs measurement), "
             "report.md and a self-contained report.html. 'all' runs every deep-UFM experiment "
-            "(those that need no data set) into one subdirectory each; the real-network "
+            "(those that need no data set) into one subdirectory each, linked from index.html "
+            "there; the real-network "
             "experiments (*-resnet) run one at a time."
         ),
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
@@ -84,6 +86,7 @@ def run(args: argparse.Namespace) -> int:
             "experiment", args.experiment, f"one of {', '.join(EXPERIMENTS)}, all (see --list)"
         )
     base = Path(args.out) if args.out else Path("runs") / f"{args.experiment}-{args.preset}"
+    done = []
     for name in names:
         out = base / name if args.experiment == "all" else base
         report = run_experiment(
@@ -97,8 +100,8 @@ def run(args: argparse.Namespace) -> int:
             overwrite=args.overwrite,
             resume=True if args.resume else None,
         )
-        held = sum(r.holds for r in report.results)
-        print(
-            f"{name}: {held}/{len(report.results)} predictions hold; report: {out / 'report.html'}"
-        )
+        done.append((name, report))
+        print(f"{name}: {report.headline}; report: {out / 'report.html'}")
+    if args.experiment == "all":
+        print(f"index: {write_index(base, done)}")
     return 0

@@ -17,7 +17,13 @@ import torch
 from deepufm.experiments import plotting as P
 from deepufm.experiments.checks import TRAINED_RANK_RTOL
 from deepufm.experiments.report import Report, markdown_table, write_report
-from deepufm.experiments.results import Result, compare, write_results
+from deepufm.experiments.results import (
+    Result,
+    compare,
+    experiment_config,
+    plain,
+    write_results,
+)
 from deepufm.experiments.runs import train_ufm
 from deepufm.matrices import layer_hessian, numerical_rank
 from deepufm.models.config import UFMConfig
@@ -69,7 +75,19 @@ def run(
             start += m
         rank = numerical_rank(torch.from_numpy(vals), rtol=TRAINED_RANK_RTOL)
         results.append(compare("Hessian rank", "v2 Thm 9", l, (K - 1) ** 2, rank, 0))
-    write_results(out / "results.json", results)
+    config = experiment_config(
+        "ce-ufm",
+        preset_name,
+        model=cfg.to_dict(),
+        training=tcfg.to_dict(),
+        tolerance=tol,
+        rank_rtol=TRAINED_RANK_RTOL,
+    )
+    spectrum = [k.hessian_spectrum(l) for l in range(1, cfg.L + 1)]
+    constants = plain(k) | {
+        "hessian_spectrum": [{"eigenvalues": v, "multiplicities": m} for v, m in spectrum]
+    }
+    write_results(out / "results.json", results, config=config, constants=constants)
     fig, axes = P.new_figure(ncols=cfg.L)
     for ax, (l, vals) in zip(axes[0], spectra.items()):
         pred, _ = k.hessian_spectrum(l)

@@ -7,7 +7,7 @@ from dataclasses import replace
 
 import numpy as np
 
-from deepufm.experiments.results import Result, compare
+from deepufm.experiments.results import Result, compare, plain
 from deepufm.metrics.layer_report import layer_report
 from deepufm.models.ufm import DeepUFM
 from deepufm.theory.constants import DNCConstants
@@ -18,6 +18,18 @@ from deepufm.theory.constants import DNCConstants
 TRAINED_RANK_RTOL = 1e-8
 
 
+def dnc_constants_record(k: DNCConstants) -> dict:
+    """The constants of ``k`` as plain numbers, with the per-layer eigenvalues the checks use
+    (lists indexed by ``l - 1``): the ``constants`` of ``results.json``."""
+    layers = range(1, k.L + 1)
+    return plain(k) | {
+        "grad_cov_eigenvalue": [k.grad_cov_eigenvalue(l) for l in layers],
+        "backprop_eigenvalues": [list(k.backprop_eigenvalues(l)) for l in layers],
+        "feature_gram_eigenvalue": [k.feature_gram_eigenvalue(l) for l in layers],
+        "block_gn_eigenvalue": k.block_gn_eigenvalue,
+    }
+
+
 def layer_predictions(
     model: DeepUFM,
     k: DNCConstants,
@@ -25,14 +37,16 @@ def layer_predictions(
     layers: Sequence[int] | None = None,
     relu_tol: float = 0.0,
     notes: Mapping[int, str] | None = None,
+    scopes: Mapping[int, str] | None = None,
 ) -> list[Result]:
     """Every THEORY §6 prediction at each of ``layers`` (default all) beside its measurement.
 
     ``relu_tol`` is passed to the matrices (ReLU, THEORY §7); ``notes[l]`` is attached to every
-    record of layer ``l`` (e.g. why a ReLU layer is off the Definition-2 point).
+    record of layer ``l``, and ``scopes[l]`` (``"out: <the hypothesis that fails>"``) marks them
+    as outside the theorems' hypotheses (e.g. a ReLU layer off the Definition-2 point).
     """
     K, out = model.config.K, []
-    notes = notes or {}
+    notes, scopes = notes or {}, scopes or {}
     for l in layers or range(1, model.config.L + 1):
         r = layer_report(model, l, rank_rtol=TRAINED_RANK_RTOL, relu_tol=relu_tol)
         layer_out: list[Result] = []
@@ -150,6 +164,6 @@ def layer_predictions(
             ),
             compare("NC1 of the input features", "DNC1 (§4.1)", l, 0.0, r.nc1, tol),
         ]
-        note = notes.get(l, "")
-        out += [replace(res, note=note) for res in layer_out] if note else layer_out
+        note, scope = notes.get(l, ""), scopes.get(l, "in")
+        out += [replace(res, note=note, scope=scope) for res in layer_out]
     return out

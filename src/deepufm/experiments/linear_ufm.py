@@ -14,10 +14,10 @@ from pathlib import Path
 import numpy as np
 
 from deepufm.experiments import plotting as P
-from deepufm.experiments.checks import layer_predictions
+from deepufm.experiments.checks import TRAINED_RANK_RTOL, dnc_constants_record, layer_predictions
 from deepufm.experiments.probes import SpectralProbe
 from deepufm.experiments.report import Report, markdown_table, write_report
-from deepufm.experiments.results import write_results
+from deepufm.experiments.results import experiment_config, write_results
 from deepufm.experiments.runs import train_ufm
 from deepufm.models.config import UFMConfig
 from deepufm.theory import check_admissible, dnc_constants
@@ -64,7 +64,17 @@ def run(
     k = dnc_constants(cfg)
     figures = _figures(out / "figures", records, probe.snapshots, cfg, l, k)
     results = layer_predictions(result.model, k, pre.tolerance)
-    write_results(out / "results.json", results)
+    config = experiment_config(
+        "linear-ufm",
+        preset_name,
+        model=cfg.to_dict(),
+        training=tcfg.to_dict(),
+        layer=l,
+        snapshots=pre.snapshots,
+        tolerance=pre.tolerance,
+        rank_rtol=TRAINED_RANK_RTOL,
+    )
+    write_results(out / "results.json", results, config=config, constants=dnc_constants_record(k))
     report = Report(
         title="Deep linear UFM (MSE): theory vs measurement",
         summary=(

@@ -23,12 +23,56 @@ class Report:
     notes: list[str] = field(default_factory=list)
     results: list[Result] = field(default_factory=list)
 
+    @property
+    def headline(self) -> str:
+        """The one-line result: ``"17/17 predictions hold"``, with the rows outside the
+        theorems' hypotheses counted apart (``"; 7 out of scope"``)."""
+        return headline(self.results)
+
+
+def headline(results: Sequence[Result]) -> str:
+    inside = [r for r in results if r.in_scope]
+    held = f"{sum(r.holds for r in inside)}/{len(inside)}"
+    if len(inside) == len(results):
+        return f"{held} predictions hold"
+    out = [r for r in results if not r.in_scope]
+    return (
+        f"{held} in-scope predictions hold; {len(out)} out of scope "
+        f"({sum(r.holds for r in out)} of them hold anyway)"
+    )
+
+
+def markdown_cell(value: object) -> str:
+    """One GitHub-Markdown table cell: floats to 6 significant digits; ``|`` and ``\\`` escaped
+    (``max |off-diag|``, ``||H||_F`` would otherwise split the cell), line breaks as spaces."""
+    text = f"{value:.6g}" if isinstance(value, float) else str(value)
+    text = " ".join(text.splitlines())
+    return text.replace("\\", "\\\\").replace("|", "\\|")
+
 
 def markdown_table(header: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
-    fmt = lambda v: f"{v:.6g}" if isinstance(v, float) else str(v)  # noqa: E731
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    lines += ["| " + " | ".join(fmt(v) for v in row) + " |" for row in rows]
-    return "\n".join(lines)
+    """A GitHub-Markdown table; every row must have the header's number of cells."""
+    for i, row in enumerate(rows):
+        if len(row) != len(header):
+            raise ValueError(f"table row {i} has {len(row)} cells, its header {len(header)}")
+    line = lambda cells: "| " + " | ".join(markdown_cell(v) for v in cells) + " |"  # noqa: E731
+    return "\n".join([line(header), "|" + "---|" * len(header), *(line(row) for row in rows)])
+
+
+def split_markdown_row(line: str) -> list[str]:
+    """The cells of one row written by :func:`markdown_table`, unescaped (its inverse)."""
+    cells, cur, chars = [], [], iter(line.strip().removeprefix("|"))
+    for ch in chars:
+        if ch == "\\":
+            cur.append(next(chars, ""))
+        elif ch == "|":
+            cells.append("".join(cur).strip())
+            cur = []
+        else:
+            cur.append(ch)
+    if "".join(cur).strip():  # a row without its closing pipe
+        cells.append("".join(cur).strip())
+    return cells
 
 
 def write_table(
@@ -50,12 +94,15 @@ def write_table(
 
 
 def results_table(results: Sequence[Result]) -> str:
+    """One row per record; a miss inside the theorem's hypotheses is marked ``**no**``, one
+    outside them (``scope``) is reported as such and not as a miss."""
     header = [
         "quantity",
         "theorem",
         "layer",
         "predicted",
         "measured",
+        "abs. error",
         "rel. error",
         "tolerance",
         "holds",
@@ -67,14 +114,18 @@ def results_table(results: Sequence[Result]) -> str:
             "—" if r.layer is None else r.layer,
             r.predicted,
             r.measured,
-            f"{r.rel_error:.2e}",
-            f"{r.tolerance:.0e}",
-            "yes" if r.holds else "**no**",
+            f"{r.abs_error:.2e}",
+            "—" if r.rel_error is None else f"{r.rel_error:.2e}",
+            f"{r.tolerance:.0e}" + (" (abs.)" if r.rel_error is None else ""),
+            ("yes" if r.holds else "**no**") if r.in_scope else ("yes" if r.holds else "no"),
         ]
         for r in results
     ]
+    if any(not r.in_scope for r in results):
+        header.append("scope")
+        for row, r in zip(rows, results):
+            row.append(r.scope)
     if any(r.note for r in results):
-        # Say why a prediction does not apply (ReLU layers off the Definition-2 point).
         header.append("note")
         for row, r in zip(rows, results):
             row.append(r.note)
@@ -84,11 +135,10 @@ def results_table(results: Sequence[Result]) -> str:
 def write_report(out_dir: Path, report: Report) -> tuple[Path, Path]:
     """Write ``report.md`` and ``report.html`` into ``out_dir``."""
     out_dir = Path(out_dir)
-    held = sum(r.holds for r in report.results)
     md = [f"# {report.title}", "", report.summary, ""]
     if report.results:
         md += [
-            f"## Theory vs measurement ({held}/{len(report.results)} hold)",
+            f"## Theory vs measurement ({report.headline})",
             "",
             results_table(report.results),
             "",
@@ -109,32 +159,40 @@ def write_report(out_dir: Path, report: Report) -> tuple[Path, Path]:
                 "",
             ]
     write_text(out_dir / "report.md", "\n".join(md))
-    write_text(out_dir / "report.html", _html(out_dir, report, held))
+    write_text(out_dir / "report.html", _html(out_dir, report))
     return out_dir / "report.md", out_dir / "report.html"
 
 
 def _md_table_to_html(table: str) -> str:
-    lines = [line.strip().strip("|").split("|") for line in table.splitlines() if line.strip()]
+    lines = [split_markdown_row(line) for line in table.splitlines() if line.strip()]
     head, body = lines[0], lines[2:]
-    cell = lambda tag, v: f"<{tag}>{html.escape(v.strip()).replace('**', '')}</{tag}>"  # noqa: E731
+    cell = lambda tag, v: f"<{tag}>{html.escape(v).replace('**', '')}</{tag}>"  # noqa: E731
     rows = ["<tr>" + "".join(cell("th", v) for v in head) + "</tr>"]
     for row in body:
         cls = ' class="fail"' if any("**no**" in v for v in row) else ""
         rows.append(f"<tr{cls}>" + "".join(cell("td", v) for v in row) + "</tr>")
-    return "<table>" + "".join(rows) + "</table>"
+    return "<div class='table'><table>" + "".join(rows) + "</table></div>"
 
 
-def _html(out_dir: Path, report: Report, held: int) -> str:
+# Full width: a five-panel figure keeps its size until the window is narrower, then scales with
+# it (never wider than drawn); wide tables scroll instead of squeezing the page.
+STYLE = (
+    "body{font-family:sans-serif;margin:1em 2em}"
+    "table{border-collapse:collapse;font-size:13px}td,th{border:1px solid #ccc;padding:3px 6px}"
+    "div.table{overflow-x:auto}tr.fail{background:#fdd}img{max-width:100%;height:auto}"
+)
+
+
+def _html(out_dir: Path, report: Report) -> str:
     parts = [
         "<!doctype html><html><head><meta charset='utf-8'>",
         f"<title>{html.escape(report.title)}</title><style>",
-        "body{font-family:sans-serif;max-width:1100px;margin:2em auto;padding:0 1em}",
-        "table{border-collapse:collapse;font-size:13px}td,th{border:1px solid #ccc;padding:3px 6px}",
-        "tr.fail{background:#fdd}img{max-width:100%}</style></head><body>",
+        STYLE,
+        "</style></head><body>",
         f"<h1>{html.escape(report.title)}</h1><p>{html.escape(report.summary)}</p>",
     ]
     if report.results:
-        parts.append(f"<h2>Theory vs measurement ({held}/{len(report.results)} hold)</h2>")
+        parts.append(f"<h2>Theory vs measurement ({html.escape(report.headline)})</h2>")
         parts.append(_md_table_to_html(results_table(report.results)))
     for caption, table in report.tables:
         parts.append(f"<h2>{html.escape(caption)}</h2>{_md_table_to_html(table)}")
@@ -152,3 +210,26 @@ def _html(out_dir: Path, report: Report, held: int) -> str:
         )
     parts.append("</body></html>")
     return "\n".join(parts)
+
+
+def write_index(out_dir: Path, entries: Sequence[tuple[str, Report]]) -> Path:
+    """``index.html`` of a ``deepufm run all`` directory: for each ``(subdirectory, report)``
+    a link to its ``report.html`` with the title and headline result. Self-contained like the
+    reports (no stylesheet or script to fetch), written atomically."""
+    out_dir = Path(out_dir)
+    rows = "".join(
+        f"<tr><td><a href='{html.escape(name, quote=True)}/report.html'>{html.escape(name)}</a>"
+        f"</td><td>{html.escape(rep.title)}</td><td>{html.escape(rep.headline)}</td></tr>"
+        for name, rep in entries
+    )
+    page = "\n".join(
+        [
+            "<!doctype html><html><head><meta charset='utf-8'>",
+            f"<title>deepufm run all</title><style>{STYLE}</style></head><body>",
+            "<h1>deepufm run all</h1><div class='table'><table>",
+            f"<tr><th>experiment</th><th>report</th><th>result</th></tr>{rows}",
+            "</table></div></body></html>",
+        ]
+    )
+    write_text(out_dir / "index.html", page + "\n")
+    return out_dir / "index.html"

@@ -25,7 +25,7 @@ from deepufm.experiments import plotting as P
 from deepufm.experiments.checks import TRAINED_RANK_RTOL
 from deepufm.experiments.probes import SpectralProbe
 from deepufm.experiments.report import Report, write_report, write_table
-from deepufm.experiments.results import Result, compare, write_results
+from deepufm.experiments.results import Result, compare, experiment_config, write_results
 from deepufm.experiments.runs import finish_spectra, track_spectra
 from deepufm.matrices import block_hessian, layer_hessian, module_hessian, weight_gram
 from deepufm.matrices.lanczos import lanczos_topk, rademacher
@@ -215,7 +215,21 @@ def run(
     )
     comparison = full_hessian_comparison(state.model, subset, cfg, k, pre.hutchinson)
     results = _compare(records[-1], head, l)
-    write_results(out / "results.json", results)
+    config = experiment_config(
+        experiment,
+        preset_name,
+        training=cfg.to_dict(),
+        layer=l,
+        snapshots=pre.snapshots,
+        full_hessian_k=k,
+        hutchinson=pre.hutchinson,
+        full_hessian_per_class=subset.n,
+        rank_rtol=TRAINED_RANK_RTOL,
+    )
+    # No closed-form optimum here (the features are not free): the structural predictions'
+    # numbers are the constants.
+    constants = {"K": K, "outliers": K * K, "gamma_cc": 1 / K, "deep_head_spike": 1 / K}
+    write_results(out / "results.json", results, config=config, constants=constants)
     figures = _figures(out / "figures", experiment, records, spectral.snapshots, K, l, comparison)
     tables = [
         (
