@@ -224,13 +224,14 @@ def _eigenthings(model: DeepUFM) -> dict:
     re-orthogonalisation, ``EIGENTHINGS_STEPS`` steps, no restarts)."""
     from hessian_eigenthings import HessianOperator, lanczos
 
-    head, _, X, Y = _head(model)
+    head, W, X, Y = _head(model)
     N = X.shape[0]
     op = HessianOperator(
         head, [(X, Y)], lambda m, b: 0.5 * (m(b[0]) - b[1]).pow(2).sum() / N
     )  # our data loss ||Z - Y||^2 / (2N) directly
     t = _clock()
-    res = lanczos(op, k=K2, max_iter=EIGENTHINGS_STEPS, which="LA", seed=0, reorthogonalize=True)
+    steps = min(EIGENTHINGS_STEPS, W.numel() - 1)
+    res = lanczos(op, k=K2, max_iter=steps, which="LA", seed=0, reorthogonalize=True)
     top = sorted((float(v) for v in res.eigenvalues), reverse=True)
     return {**_since(t), "top": top, "products": int(res.iterations)}
 

@@ -9,6 +9,8 @@ certificate (:func:`deepufm.matrices.spectra.certify` with the randomized deflat
   (``k + max(2, k // 8)``: every copy of a repeated eigenvalue by construction);
 * ``ours b8``: the same with ``block=8`` (fewer products per solve; finds at most 8 copies per
   solve, then the deflated check doubles the block);
+* ``ours b8 wide``: ``block=8, max_basis=2k + 16`` (the default basis of a block of 8 is
+  ``k + 16`` vectors; ARPACK's is ``ncv = 2k + 1``);
 * ``arpack``: scipy ``eigsh(op.as_linear_operator(), k, which="LA", tol)`` (implicitly restarted
   Lanczos, one vector at a time);
 * ``lobpcg``: scipy ``lobpcg`` with a random block of ``k + max(2, k // 8)`` columns,
@@ -63,7 +65,7 @@ from deepufm.theory import dnc_optimum
 
 K, n, d, L, LAYER = 10, 50, 64, 4, 2
 OPS = {"dnc": (100, 1e-10), "random": (100, 1e-10), "cnn": (100, 1e-8)}
-METHODS = ("ours", "ours_b8", "arpack", "lobpcg", "curvlinops")
+METHODS = ("ours", "ours_b8", "ours_b8_wide", "arpack", "lobpcg", "curvlinops")
 MULT_RTOL = 1e-6  # a value within this of lambda_1 (relative) counts as a copy of it
 SEED = 0
 
@@ -170,6 +172,8 @@ def solve(name: str, method: str, k: int, tol: float, lam1: float | None) -> dic
     solve_products = None
     if method in ("ours", "ours_b8"):
         res = iterative_topk(op, k, tol, seed=SEED, block=8 if method == "ours_b8" else None)
+    elif method == "ours_b8_wide":  # ARPACK's basis size (ncv = 2k + 1) for a block of 8
+        res = iterative_topk(op, k, tol, seed=SEED, block=8, max_basis=2 * k + 16)
         solve_products = None  # check and certificate are inside
     elif method == "arpack":
         from scipy.sparse.linalg import eigsh
