@@ -37,7 +37,7 @@ the reference (dense ``eigvalsh`` for (a), (b); for (c) the certified run with t
 residuals); copies of ``lambda_1`` found (values within 1e-6 l_1 of it) against the reference's;
 certified (and why not).
 
-    python benchmarks/topk_solvers.py --threads 1            # the README table (~15 min loaded)
+    python benchmarks/topk_solvers.py --threads 1            # the README table (~20 min CPU; 1 h wall at load 6)
     python benchmarks/topk_solvers.py --threads 1 --quick    # (a) and (b) only, a few minutes
     python benchmarks/topk_solvers.py --threads 1 --ops cnn  # one operator
 """
