@@ -24,6 +24,15 @@ difference of the top-K² eigenvalues from deepufm's. Also the cost of one produ
 
     python benchmarks/full_hessian.py --run runs/quick-mnist
     python benchmarks/full_hessian.py --per-class 2          # the initial point, 20 images
+    python benchmarks/full_hessian.py --degenerate --threads 1  # exact DNC points (below)
+
+``--degenerate``: a deep linear UFM written as an ``nn.Module`` (bias-free ``nn.Linear`` layers,
+the features ``H_1`` as data) at its exact DNC optimum (``deepufm.theory.dnc_optimum``). Its
+Hessian with respect to one layer's weights has ``K^2`` *exactly equal* top eigenvalues
+``Lambda_l`` (THEORY §6; the reference comes from ``dnc_constants``, not from a solver). Each
+method's top ``K^2``: time, products, and how many copies of ``Lambda_l`` it returned. deepufm
+here is :func:`deepufm.matrices.module_hessian` with its default options and the public
+``topk(k, tol)`` (certified).
 
 Peers are optional; install them without letting pip replace the CPU torch:
     pip install --no-deps curvlinops-for-pytorch backpack-for-pytorch einconv einops \
@@ -131,6 +140,157 @@ def eigenthings_lanczos(model, X, y, k, steps):
     return vals, time.perf_counter() - t, counted.calls
 
 
+# -- degenerate case: a linear UFM as an nn.Module at its exact DNC optimum ----------------------
+DEGENERATE = {  # (K, n, d, L, layer): p = d^2, k = K^2
+    "issue (K=3, d=65)": (3, 10, 65, 3, 2),
+    "K=10, d=64": (10, 50, 64, 4, 2),
+}
+
+
+class LinearUFM(torch.nn.Module):
+    """``Z = W_L ... W_1 X^T`` with bias-free layers; the input rows are the features ``H_1``."""
+
+    def __init__(self, Ws):
+        super().__init__()
+        self.layers = torch.nn.ModuleList()
+        for W in Ws:
+            lin = torch.nn.Linear(W.shape[1], W.shape[0], bias=False, dtype=W.dtype)
+            lin.weight.data.copy_(W)
+            self.layers.append(lin)
+
+    def forward(self, x):
+        for lin in self.layers:
+            x = lin(x)
+        return x
+
+
+def dnc_module(K, n, d, L):
+    from deepufm import UFMConfig
+    from deepufm.theory import dnc_constants, dnc_optimum
+
+    cfg = UFMConfig(K=K, n=n, d=d, L=L, lam=1e-3, activation="linear", device="cpu")
+    ufm = dnc_optimum(cfg, seed=0)
+    X = ufm.H1.T.contiguous()  # (N, d)
+    y = torch.arange(K).repeat_interleave(n)
+    return LinearUFM(list(ufm.W)), X, y, dnc_constants(cfg)
+
+
+def _copies(vals, lam, rtol=1e-6):
+    return int(np.sum(np.abs(np.asarray(vals) - lam) <= rtol * abs(lam)))
+
+
+def degenerate(args) -> None:
+    from deepufm.matrices import module_hessian
+
+    print(
+        f"Degenerate: linear UFM nn.Module at its exact DNC optimum, Hessian over one layer; "
+        f"tol {args.tol:g}; {args.threads} threads; load average {os.getloadavg()[0]:.1f}\n"
+    )
+    print(
+        "| case | p | k | method | products | time s (CPU s) | CPU ms / product "
+        "| copies of Λ found / K² | max \\|θ − Λ\\| / Λ | certified |"
+    )
+    print("|---|---:|---:|---|---:|---:|---:|---:|---:|---|")
+    for case, (K, n, d, L, layer) in DEGENERATE.items():
+        model, X, y, consts = dnc_module(K, n, d, L)
+        lam = consts.hessian_eigenvalue[layer - 1]
+        k, name = K * K, f"layers.{layer - 1}.weight"
+        loss = lambda Z, t: batch_data_loss(Z, t)  # noqa: E731  ||Z - Y||^2 / (2N)
+        p = model.layers[layer - 1].weight.numel()
+        v0 = np.random.default_rng(0).standard_normal(p)
+        rows = []
+
+        def clock():
+            return time.perf_counter(), time.process_time()
+
+        # deepufm: module_hessian's default options + the public certified topk
+        H = module_hessian(model, loss, [(X, y)], params=[name])
+        H.matmat(torch.ones(p, 1, dtype=torch.float64))  # warm-up
+        counted = Counted(H.matmat)
+        H.matmat = counted
+        t = clock()
+        res = H.topk(k, tol=args.tol)
+        wall, cpu = time.perf_counter() - t[0], time.process_time() - t[1]
+        cert = res.certificate
+        ok = f"{'yes' if cert.certified else '**no**'} ({cert.method})"
+        rows.append(
+            (
+                f"deepufm module_hessian(hvp={H.hvp}) + topk",
+                counted.calls,
+                wall,
+                cpu,
+                res.values.numpy(),
+                ok,
+            )
+        )
+        # curvlinops + eigsh on the same weights
+        try:
+            from curvlinops import HessianLinearOperator
+
+            W = model.layers[layer - 1].weight
+            Y = F.one_hot(y, K).to(X.dtype)
+            op = HessianLinearOperator(
+                model, torch.nn.MSELoss(reduction="sum"), [W], [(X, Y)], check_deterministic=False
+            ).to_scipy()
+            op.matvec(v0)
+            c2 = Counted(op.matmat)
+            lin = LinearOperator(
+                op.shape, matvec=lambda v, c=c2: c(v.reshape(-1, 1)).ravel(), matmat=c2, dtype=float
+            )
+            t = clock()
+            vals = eigsh(lin, k=k, which="LA", tol=args.tol, v0=v0, return_eigenvectors=False)
+            wall, cpu = time.perf_counter() - t[0], time.process_time() - t[1]
+            rows.append(
+                (
+                    "curvlinops HessianLinearOperator + eigsh",
+                    c2.calls,
+                    wall,
+                    cpu,
+                    np.sort(vals)[::-1] / (2 * X.shape[0]),
+                    "— (no certificate)",
+                )
+            )
+        except ImportError as exc:
+            print(f"curvlinops not installed ({exc})")
+        try:
+            from hessian_eigenthings import HessianOperator, lanczos
+
+            op = HessianOperator(
+                model,
+                [(X, y)],
+                lambda m, b: batch_data_loss(m(b[0]), b[1]),
+                param_filter=lambda nm, _, want=name: nm == want,
+            )
+            op.matvec(torch.ones(op.size, dtype=torch.float64))
+            c3 = Counted(op.matvec)
+            op.matvec = c3
+            steps = min(max(4 * k, 40), p - 1)  # its Lanczos has no restarts: a fixed dimension
+            t = clock()
+            out = lanczos(op, k=k, max_iter=steps, which="LA", seed=0, reorthogonalize=True)
+            wall, cpu = time.perf_counter() - t[0], time.process_time() - t[1]
+            vals = np.sort(np.asarray(out.eigenvalues, dtype=np.float64))[::-1]
+            rows.append(
+                (
+                    f"hessian-eigenthings HessianOperator + lanczos({steps})",
+                    c3.calls,
+                    wall,
+                    cpu,
+                    vals,
+                    "— (no certificate)",
+                )
+            )
+        except ImportError as exc:
+            print(f"hessian-eigenthings not installed ({exc})")
+        for method, prods, wall, cpu, vals, ok in rows:
+            top = np.concatenate([vals[:k], np.zeros(max(0, k - len(vals)))])  # missing: 0
+            err = float(np.max(np.abs(top - lam)) / lam)
+            print(
+                f"| {case} | {p} | {k} | {method} | {prods} | {wall:.3g} ({cpu:.3g}) "
+                f"| {1e3 * cpu / prods:.2f} | {_copies(vals[:k], lam)} / {k} | {err:.1e} | {ok} |",
+                flush=True,
+            )
+
+
 def rel_diff(a, b):
     return float(np.max(np.abs(a - b) / np.abs(b)))
 
@@ -143,8 +303,16 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--skip-peers", action="store_true")
     parser.add_argument("--json", default=None, help="write the results here")
+    parser.add_argument(
+        "--degenerate", action="store_true", help="exact DNC points of a linear UFM module only"
+    )
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    if args.threads == 1 and hasattr(os, "sched_setaffinity"):
+        os.sched_setaffinity(0, sorted(os.sched_getaffinity(0))[:1])
+    if args.degenerate:
+        degenerate(args)
+        return
     config, model, X, y, K = network_and_data(args.run, args.per_class)
     k = K * K
     p = sum(q.numel() for q in model.parameters())

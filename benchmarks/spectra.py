@@ -45,16 +45,26 @@ import torch
 from deepufm import DeepUFM, UFMConfig
 from deepufm.matrices import layer_hessian, papyan_decomposition
 from deepufm.models import functional as Fn
+from deepufm.theory import dnc_constants, dnc_optimum
 
 K, n, L, LAYER = 10, 50, 4, 2
 K2 = K * K
 TOL = 1e-10  # eigsh's relative residual tolerance, for curvlinops and for our Lanczos alike
+DNC = "relu-dnc"  # the degenerate cells: ReLU at an exact Definition-2 DNC point
+EIGENTHINGS_STEPS = 400  # its Lanczos has no restarts: a fixed Krylov dimension (ARPACK: ~300)
+
+
+def ufm_config(d: int, activation: str) -> UFMConfig:
+    act = "relu" if activation == DNC else activation
+    return UFMConfig(K=K, n=n, d=d, L=L, lam=1e-3, activation=act, device="cpu")
 
 
 def model_for(d: int, activation: str) -> DeepUFM:
-    return DeepUFM.init(
-        UFMConfig(K=K, n=n, d=d, L=L, lam=1e-3, activation=activation, device="cpu")
-    )
+    """The seeded initial point, or (``activation="relu-dnc"``) the exact DNC point of Definition
+    2, whose layer Hessian has ``K^2`` exactly equal outliers ``Lambda_l`` (THEORY §6, §7)."""
+    if activation == DNC:
+        return dnc_optimum(ufm_config(d, activation), seed=0, nonnegative=True)
+    return DeepUFM.init(ufm_config(d, activation))
 
 
 def layer_loss(model: DeepUFM):
@@ -111,11 +121,20 @@ def _ours_topk(model: DeepUFM) -> dict:
     """The top-K² eigenpairs alone (block Lanczos on the structured product beyond p ~ 2000)."""
     t = _clock()
     H = layer_hessian(model, LAYER)
-    top, vecs = H.topk(K2, tol=TOL)
+    res = H.topk(K2, tol=TOL)
+    top, vecs = res
     elapsed = _since(t)
     # worst relative residual ||H x - theta x|| / theta over all K² pairs (what tol bounds)
     resid = (H.matmat(vecs) - vecs * top).norm(dim=0) / top.abs()
-    return {**elapsed, "top": top.tolist(), "resid": float(resid.max())}
+    cert = res.certificate
+    return {
+        **elapsed,
+        "top": top.tolist(),
+        "resid": float(resid.max()),
+        "certified": cert.certified,
+        "products": cert.products,
+        "route": cert.method,
+    }
 
 
 def _median_of(fn, model: DeepUFM, repeats: int = 5) -> dict:
@@ -152,23 +171,20 @@ def cell_dense(d: int, activation: str) -> dict:
     return _dense(model_for(d, activation))
 
 
-def _curvlinops(model: DeepUFM) -> dict:
-    from curvlinops import HessianLinearOperator
-    from scipy.sparse.linalg import eigsh
-
+def _head(model: DeepUFM):
+    """``W_LAYER`` as the only parameter of a module, then the fixed downstream layers, and its
+    data: the features entering layer ``LAYER`` ``(N, d_in)`` and the one-hot targets ``(N, K)``."""
     act = model.config.activation
     Hs = model.features()
     W = torch.nn.Parameter(model.W[LAYER - 1].clone())
     rest = [w.clone() for w in model.W[LAYER:]]
 
     class Head(torch.nn.Module):
-        """W_LAYER as the only parameter, then the fixed downstream layers."""
-
         def __init__(self):
             super().__init__()
             self.W = W
 
-        def forward(self, x):  # x: (batch, d_in), the features entering layer LAYER
+        def forward(self, x):  # x: (batch, d_in)
             z = x @ self.W.T
             for Wm in rest:
                 if act == "relu":
@@ -177,14 +193,52 @@ def _curvlinops(model: DeepUFM) -> dict:
             return z
 
     X, Y = Hs[LAYER - 1].T.contiguous(), Fn.labels(K, n).T.contiguous()
+    return Head(), W, X, Y
+
+
+def _curvlinops(model: DeepUFM) -> dict:
+    from curvlinops import HessianLinearOperator
+    from scipy.sparse.linalg import LinearOperator, eigsh
+
+    head, W, X, Y = _head(model)
     op = HessianLinearOperator(
-        Head(), torch.nn.MSELoss(reduction="sum"), [W], [(X, Y)], check_deterministic=False
+        head, torch.nn.MSELoss(reduction="sum"), [W], [(X, Y)], check_deterministic=False
     ).to_scipy()
+    count = [0]
+
+    def mm(V):
+        V = V.reshape(op.shape[0], -1)
+        count[0] += V.shape[1]
+        return op.matmat(V)
+
+    counted = LinearOperator(op.shape, matvec=lambda v: mm(v).ravel(), matmat=mm, dtype=op.dtype)
     t = _clock()
-    vals = eigsh(op, k=min(K2, W.numel() - 2), which="LA", tol=TOL, return_eigenvectors=True)[0]
+    vals = eigsh(counted, k=min(K2, W.numel() - 2), which="LA", tol=TOL)[0]
     # MSELoss(sum) = 2N * D: its Hessian is 2N times ours
     top = sorted((float(v) / (2 * K * n) for v in vals), reverse=True)
-    return {**_since(t), "top": top}
+    return {**_since(t), "top": top, "products": count[0]}
+
+
+def _eigenthings(model: DeepUFM) -> dict:
+    """hessian-eigenthings 1.0: ``HessianOperator`` (double backward) + its ``lanczos`` (full
+    re-orthogonalisation, ``EIGENTHINGS_STEPS`` steps, no restarts)."""
+    from hessian_eigenthings import HessianOperator, lanczos
+
+    head, W, X, Y = _head(model)
+    N = X.shape[0]
+    op = HessianOperator(
+        head, [(X, Y)], lambda m, b: 0.5 * (m(b[0]) - b[1]).pow(2).sum() / N
+    )  # our data loss ||Z - Y||^2 / (2N) directly
+    t = _clock()
+    steps = min(EIGENTHINGS_STEPS, W.numel() - 1)
+    res = lanczos(op, k=K2, max_iter=steps, which="LA", seed=0, reorthogonalize=True)
+    top = sorted((float(v) for v in res.eigenvalues), reverse=True)
+    return {**_since(t), "top": top, "products": int(res.iterations)}
+
+
+def cell_eigenthings(d: int, activation: str) -> dict:
+    _eigenthings(model_for(12, activation))
+    return _eigenthings(model_for(d, activation))
 
 
 def cell_curvlinops(d: int, activation: str) -> dict:
@@ -245,6 +299,7 @@ CELLS = {
     "ours_topk": cell_ours_topk,
     "dense": cell_dense,
     "curvlinops": cell_curvlinops,
+    "eigenthings": cell_eigenthings,
     "papyan": cell_papyan,
     "papyan_dense": cell_papyan_dense,
 }
@@ -314,6 +369,9 @@ def main() -> None:
     )
     ap.add_argument("--cell", nargs=3, metavar=("KIND", "D", "ACT"), help=argparse.SUPPRESS)
     ap.add_argument("--quick", action="store_true", help="d <= 128 only")
+    ap.add_argument(
+        "--degenerate", action="store_true", help="only the degenerate (exact DNC point) table"
+    )
     ap.add_argument("--timeout", type=float, default=240.0, help="seconds per peer cell")
     ap.add_argument(
         "--threads",
@@ -334,6 +392,9 @@ def main() -> None:
     def cell(kind: str, d: int, act: str, timeout: float) -> dict | None:
         return run_cell(kind, d, act, timeout, args.threads)
 
+    if args.degenerate:
+        degenerate_table(cell, [64] if args.quick else [32, 64])
+        return
     base = cell("baseline", 64, "linear", 120)
     print(
         f"torch {torch.__version__}, {torch.get_num_threads()} threads; K={K}, n={n} (N={K * n}), "
@@ -405,6 +466,52 @@ def main() -> None:
         )
     for (act, d), (pap, _) in papyan.items():
         print(f"  Papyan + 3 knockouts, {act}, d={d}: {_t(pap)} s")
+    print()
+    degenerate_table(cell, [32, 64])
+
+
+def _copies(top: list[float], value: float, rtol: float = 1e-6) -> int:
+    return sum(abs(v - value) <= rtol * abs(value) for v in top)
+
+
+def degenerate_table(cell, dims: list[int]) -> None:
+    """Top-K² of the ReLU layer Hessian at an exact DNC point: ``K^2`` exactly equal outliers
+    ``Lambda_l`` (from ``dnc_constants``, not from any solver), the rest zero. Which methods
+    return every copy?"""
+    print(
+        f"Degenerate: ReLU layer-{LAYER} Hessian at an exact Definition-2 DNC point, top K² = {K2}"
+        f", tol {TOL:g}; reference Lambda_{LAYER} from the closed form (THEORY §6)\n"
+    )
+    print(
+        "| d | p | method | time s (CPU s) | products | CPU ms / product | copies of Λ found / K² "
+        "| max \\|θ − Λ\\| / Λ over the top K² | certified | CPU time / deepufm |"
+    )
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for d in dims:
+        lam = dnc_constants(ufm_config(d, DNC)).hessian_eigenvalue[LAYER - 1]
+        ours = cell("ours_topk", d, DNC, 600)
+        peers = {
+            "deepufm `layer_hessian(...).topk(K², tol)`": ours,
+            "curvlinops `HessianLinearOperator` + eigsh": cell("curvlinops", d, DNC, 600),
+            f"hessian-eigenthings + lanczos({EIGENTHINGS_STEPS})": cell("eigenthings", d, DNC, 600),
+        }
+        for name, c in peers.items():
+            if c is None or "note" in c:
+                print(f"| {d} | {d * d} | {name} | {_t(c)} | — | — | — | — | — | — |")
+                continue
+            top = c["top"][:K2] + [0.0] * (K2 - len(c["top"][:K2]))  # missing values: count as 0
+            err = max(abs(v - lam) for v in top) / lam
+            prods = c.get("products")
+            ms = f"{1e3 * c['cpu'] / prods:.2f}" if prods else "—"
+            cert = {True: "yes", False: "**no**"}.get(c.get("certified"), "— (no certificate)")
+            if "route" in c:
+                cert += f" ({c['route']})"
+            ratio = f"{c['cpu'] / ours['cpu']:.1f}x" if "cpu" in ours else "—"
+            print(
+                f"| {d} | {d * d} | {name} | {_t(c)} | {prods or '—'} | {ms} "
+                f"| {_copies(c['top'], lam)} / {K2} | {err:.1e} | {cert} | {ratio} |",
+                flush=True,
+            )
 
 
 if __name__ == "__main__":
