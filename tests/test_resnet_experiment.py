@@ -71,22 +71,7 @@ def test_mnist_resnet_experiment_end_to_end(tmp_path, tiny_network):
     assert last["epoch"] == 4 and len(last["f"]) == 10 and len(last["sv_align_left"]) == 10
 
 
-def three_figures(fig_dir, experiment, records, snaps, K, l, cmp):
-    # The mnist test draws every figure; here only the CIFAR data path is under test.
-    from deepufm.experiments import plotting as P
-
-    out = []
-    for fid in ("v2-fig6", "v2-fig14", "v2-fig15"):
-        fig, axes = P.new_figure()
-        axes[0, 0].plot([r["epoch"] for r in records], [r["loss"] for r in records])
-        out.append((fid, "loss", P.save(fig, fig_dir, fid)))
-    return out
-
-
-def test_cifar_resnet_runs_on_cifar_files_and_names_missing_ones(
-    tmp_path, tiny_network, capsys, monkeypatch
-):
-    monkeypatch.setattr(resnet_head, "_figures", three_figures)
+def test_cifar_resnet_runs_on_cifar_files_and_names_missing_ones(tmp_path, tiny_network, capsys):
     write_cifar(tmp_path / "cifar", N=30)  # the official python pickles, written by the tests
     out = tmp_path / "run"
     args = ["run", "cifar-resnet", "--out", str(out), "--quiet"]
