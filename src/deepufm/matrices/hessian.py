@@ -15,7 +15,8 @@ once, and sigma'' = 0 almost everywhere). So ``H_l = G_l`` exactly, and:
   ``ã_{ic,k} ⊗ h_ic / sqrt(N)``, ``ã = M_ic A_ic`` where ``B_ic = M_ic^T M_ic`` (``M = I`` for MSE;
   ``M = diag(sqrt p)(I - 1 p^T)`` for CE, Papyan's 2020 square-root factor).
 
-The structured classes live in ``deepufm.matrices.structured`` (re-exported here).
+The structured classes live in ``deepufm.matrices.structured``, ``combine`` in ``operator`` and
+``dense_topk`` in ``spectra`` (all re-exported here, where they used to live).
 """
 
 from __future__ import annotations
@@ -26,9 +27,11 @@ import torch
 from torch import Tensor
 
 from deepufm.errors import ConfigError
+from deepufm.matrices import spectra
 from deepufm.matrices.jacobian import LayerJacobian, layer_jacobian
-from deepufm.matrices.operator import SymmetricMatrix
+from deepufm.matrices.operator import SymmetricMatrix, combine
 from deepufm.matrices.structured import (
+    PARTS,
     JacobianGram,
     KroneckerGram,
     KroneckerSum,
@@ -41,6 +44,7 @@ from deepufm.matrices.structured import (
 from deepufm.models.ufm import DeepUFM
 
 __all__ = [
+    "PARTS",
     "JacobianGram",
     "KroneckerGram",
     "KroneckerSum",
@@ -48,6 +52,8 @@ __all__ = [
     "RowSpaceGram",
     "ZeroMatrix",
     "check_layer",
+    "combine",
+    "dense_topk",
     "gauss_newton",
     "gram_eigh",
     "hessian_residual",
@@ -55,6 +61,13 @@ __all__ = [
     "loss_weighted_factors",
     "pad_spectrum",
 ]
+
+
+def dense_topk(M: Tensor, k: int) -> tuple[Tensor, Tensor]:
+    """Top-``k`` eigenpairs of a dense symmetric ``M``: ``(k,)``, ``(p, k)`` (kept here for its
+    callers; :func:`deepufm.matrices.spectra.dense_topk` also returns the next eigenvalue)."""
+    vals, vecs, _ = spectra.dense_topk(M, k)
+    return vals, vecs
 
 
 def check_layer(model: DeepUFM, layer: int) -> None:
