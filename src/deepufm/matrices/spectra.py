@@ -602,18 +602,16 @@ class _BlockKrylov:
 
 
 # -- the entry point ----------------------------------------------------------------------------------
-def topk(
-    op: SymmetricMatrix, k: int, tol: float = 0.0, *, strict: bool = False, **iterative
-) -> TopK:
+def topk(op: SymmetricMatrix, k: int, tol: float = 0.0, *, strict: bool = False) -> TopK:
     """Certified top-``k`` of ``op`` by the route its structure allows: ``op.exact_topk(k)`` when
     :func:`use_exact` says its smallest exact eigenproblem (``op.exact_size``) is cheaper, else
-    :func:`iterative_topk` (``iterative``: its ``seed``, ``block``, ``max_basis``)."""
+    :func:`iterative_topk`."""
     k = check_k(k, op.size)
     tol = check_tol(tol)
-    if not iterative and use_exact(op.exact_size, k, op.matrix_free):
+    if use_exact(op.exact_size, k, op.matrix_free):
         vals, vecs, nxt, method = op.exact_topk(k)
         return certify(op, vals, vecs, deflated_max=nxt, method=method, tol=tol, strict=strict)
-    return iterative_topk(op, k, tol, strict=strict, **iterative)
+    return iterative_topk(op, k, tol, strict=strict)
 
 
 def lanczos_topk(

@@ -313,10 +313,12 @@ class KroneckerGram(KroneckerStructured, SymmetricMatrix):
         prods = torch.outer(p, q).reshape(-1)
         r = prods.numel()
         order = torch.argsort(prods, descending=True)
-        if k <= r and float(prods[order[k - 1]]) >= 0:
-            nxt = float(prods[order[k]]) if k < r else (0.0 if r < self.size else -math.inf)
-            if k < r and r < self.size:
-                nxt = max(nxt, 0.0)
+        if k <= r and float(prods[order[k - 1]]) >= 0:  # no zero among the top k
+            if k < r:  # the next product, or an exact zero of the complement if larger
+                nxt = float(prods[order[k]])
+                nxt = max(nxt, 0.0) if r < self.size else nxt
+            else:
+                nxt = 0.0 if r < self.size else -math.inf
             return prods[order[:k]], self._products(order[:k], U, W, q.numel()), nxt, "kronecker"
         vecs = self._products(order, U, W, q.numel())
         return (*with_null_space(prods[order], vecs, self.size, k), "kronecker")
