@@ -56,6 +56,8 @@ class FunctionHessian(SymmetricMatrix):
         self._hvp = vmap(lambda v: jvp(grad(f), (w,), (v,))[1], in_dims=1, out_dims=1)
 
     def matmat(self, V: Tensor) -> Tensor:
+        """``H V`` by a ``vmap`` over the columns of a forward-over-reverse product (``jvp`` of
+        ``grad f``): ``(P, m) -> (P, m)``, the cost of about ``m`` gradient evaluations."""
         return self._hvp(V)
 
 
@@ -78,30 +80,40 @@ class BlockJacobianGram(RowSpaceGram):
 
     @property
     def rank_bound(self) -> int:
+        """``min(N R, P)``: the rows of ``V`` bound the rank of ``G_blk``."""
         return min(self.N * self.R, self.size)
 
     def _split(self, V: Tensor) -> list[Tensor]:
         return list(torch.split(V, self.sizes, dim=0))
 
     def apply_V(self, V: Tensor) -> Tensor:
+        """``V x = sum_l V_l x_l`` for every column, each block's rows applied to its slice of
+        ``x``: ``(P, m) -> (m, N, R)``."""
         return sum(b.apply_V(x) for b, x in zip(self.blocks, self._split(V)))
 
     def apply_VT(self, S: Tensor) -> Tensor:
+        """``V^T s``: every layer's ``V_l^T s`` stacked in layer order, ``(m, N, R) -> (P, m)``."""
         return torch.cat([b.apply_VT(S) for b in self.blocks], dim=0)
 
     def gram(self) -> Tensor:
+        """``V V^T = sum_l V_l V_l^T``, the sum of the layers' Grams: ``(N R, N R)``."""
         return sum(b.gram() for b in self.blocks)
 
     def rows(self) -> Tensor:
+        """``V = [V_l]_l`` side by side: ``(N R, P)``, rows ordered ``(sample, r)`` (formed on
+        this call)."""
         return torch.cat([b.rows() for b in self.blocks], dim=1)
 
     def dense(self) -> Tensor:
+        """``G_blk`` as a ``(P, P)`` matrix: ``V^T V`` from the rows when ``N R < P``, else ``P``
+        products in chunks of 256 columns (symmetrised)."""
         if self.N * self.R < self.size:
             V = self.rows()
             return V.T @ V
         return _chunked_dense(self)
 
     def trace(self) -> Tensor:
+        """``sum_l tr G_l``: the diagonal blocks are the layer matrices (a 0-dim tensor)."""
         return sum(b.trace() for b in self.blocks)
 
 
@@ -132,6 +144,9 @@ class BlockResidual(SymmetricMatrix):
         return T if self.masks is None else T * self.masks[k]
 
     def matmat(self, V: Tensor) -> Tensor:
+        """``E_blk V`` by one forward tangent sweep (the lower blocks ``E_ml``, ``l < m``) and
+        one reverse cotangent sweep (their adjoints), all ``m`` columns at once:
+        ``O(L d^2 N m)``, no matrix formed. ``(P, m) -> (P, m)``."""
         m = V.shape[1]
         X = {
             l: x.T.reshape(m, *s)
@@ -163,6 +178,8 @@ class BlockResidual(SymmetricMatrix):
         return torch.cat([out[l].reshape(m, -1).T for l in self.layers], dim=0)
 
     def dense(self) -> Tensor:
+        """``E_blk`` as a ``(P, P)`` matrix: ``P`` products in chunks of 256 columns
+        (symmetrised)."""
         return _chunked_dense(self)
 
 

@@ -99,6 +99,9 @@ class GradientCovariance(SymmetricMatrix):
         return T.reshape(-1, self.size).T
 
     def matmat(self, V: Tensor) -> Tensor:
+        """``Sigma_g V`` from the factors: the centred coefficients
+        ``(g_ic - g_bar)^T v = b_ic^T X h_ic - mean`` ``(N, m)``, then their combination of the
+        centred gradients, divided by ``N``; ``O(N d_out d_in m)``, no ``(N, p)`` matrix."""
         return self._combine(self._centred_coefficients(V)) / self.N
 
     def centred_gradients(self) -> Tensor:
@@ -107,6 +110,8 @@ class GradientCovariance(SymmetricMatrix):
         return G - G.mean(dim=0, keepdim=True)
 
     def dense(self) -> Tensor:
+        """``G^T G / N`` from the ``(N, p)`` centred gradients (:meth:`centred_gradients`):
+        ``(p, p)``."""
         G = self.centred_gradients()
         return G.T @ G / self.N
 
@@ -119,6 +124,7 @@ class GradientCovariance(SymmetricMatrix):
 
     @property
     def exact_size(self) -> int:
+        """``min(N, p)``: the ``N x N`` Gram when ``N < p``, else the dense matrix."""
         return min(self.N, self.size)
 
     def _gram_pairs(self, k: int | None = None) -> tuple[Tensor, Tensor]:
@@ -146,12 +152,15 @@ class GradientCovariance(SymmetricMatrix):
         return vals, vecs
 
     def eigvalsh(self) -> Tensor:
+        """All ``p`` eigenvalues, descending: those of the ``N x N`` Gram (:meth:`gram`) followed
+        by ``p - N`` exact zeros when ``N < p``, else dense."""
         if self.N >= self.size:
             return super().eigvalsh()
         vals = torch.linalg.eigvalsh(self.gram()).flip(0)
         return torch.cat([vals, vals.new_zeros(self.size - self.N)])
 
     def trace(self) -> Tensor:
+        """The trace of the ``N x N`` Gram, equal to ``tr Sigma_g`` (a 0-dim tensor)."""
         return torch.trace(self.gram())
 
 

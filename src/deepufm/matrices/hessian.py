@@ -71,6 +71,11 @@ def dense_topk(M: Tensor, k: int) -> tuple[Tensor, Tensor]:
 
 
 def check_layer(model: DeepUFM, layer: int) -> None:
+    """Validate a 1-based layer index of ``model`` (``W_layer``); returns nothing.
+
+    Raises:
+        ConfigError: ``layer`` is not an integer in ``[1, L]`` (a ``bool`` is rejected).
+    """
     L = model.config.L
     if isinstance(layer, bool) or not isinstance(layer, int) or not 1 <= layer <= L:
         raise ConfigError("layer", layer, f"an integer in [1, L={L}]")

@@ -48,10 +48,12 @@ class LayerJacobian:
 
     @property
     def d_out(self) -> int:
+        """Output width of ``W_l`` (rows of the weight; the last axis of ``A``)."""
         return self.A.shape[-1]
 
     @property
     def d_in(self) -> int:
+        """Input width of ``W_l`` (columns of the weight; the rows of ``H``)."""
         return self.H.shape[0]
 
 

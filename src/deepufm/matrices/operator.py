@@ -44,6 +44,7 @@ class SymmetricMatrix(ABC):
 
     @property
     def shape(self) -> tuple[int, int]:
+        """``(p, p)``, as a ``LinearOperator`` or a tensor would report it."""
         return (self.size, self.size)
 
     @abstractmethod
@@ -112,6 +113,8 @@ class SymmetricMatrix(ABC):
         )
 
     def trace(self) -> Tensor:
+        """``tr M`` as a 0-dim tensor. Here from :meth:`dense` (``p`` products); subclasses with
+        a factored form compute it from their factors."""
         return torch.trace(self.dense())
 
     # -- sums ----------------------------------------------------------------------------------
@@ -156,12 +159,15 @@ class LinearCombination(SymmetricMatrix):
         self.matrix_free = any(M.matrix_free for _, M in terms)
 
     def matmat(self, V: Tensor) -> Tensor:
+        """``sum_i a_i (M_i @ V)``: one product of every term, ``(p, m) -> (p, m)``."""
         out = torch.zeros_like(V)
         for a, M in self.terms:
             out = out + a * M.matmat(V)
         return out
 
     def dense(self) -> Tensor:
+        """``sum_i a_i M_i.dense()``: each term's own (possibly structured) dense form,
+        ``(p, p)``."""
         return sum(a * M.dense() for a, M in self.terms)
 
 
@@ -173,7 +179,9 @@ class DenseSymmetric(SymmetricMatrix):
         self.M = 0.5 * (M + M.T)
 
     def matmat(self, V: Tensor) -> Tensor:
+        """``M @ V`` with the stored matrix: ``O(p^2 m)``."""
         return self.M @ V
 
     def dense(self) -> Tensor:
+        """The stored ``(p, p)`` matrix itself (symmetrised at construction; not a copy)."""
         return self.M

@@ -162,28 +162,44 @@ class TopK(_Pair):
 
     @property
     def certified(self) -> bool:
+        """Whether the certificate holds (:attr:`Certificate.certified`)."""
         return self.certificate.certified
 
     @property
     def residuals(self) -> Tensor:
+        """``||M v_i - theta_i v_i||`` of every pair: ``(k,)`` (:attr:`Certificate.residuals`)."""
         return self.certificate.residuals
 
     @property
     def orthogonality(self) -> float:
+        """``max |V^T V - I|`` of the returned vectors (:attr:`Certificate.orthogonality`)."""
         return self.certificate.orthogonality
 
     @property
     def deflated_max(self) -> float:
+        """The largest eigenvalue on the complement of the returned space (``-inf`` when
+        ``k = p``; :attr:`Certificate.deflated_max`)."""
         return self.certificate.deflated_max
 
 
 def check_k(k: object, size: int) -> int:
+    """``k`` validated as a number of eigenpairs of a ``size x size`` operator, returned
+    unchanged.
+
+    Raises:
+        ConfigError: ``k`` is not an integer in ``[1, size]`` (a ``bool`` is rejected).
+    """
     if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= size:
         raise ConfigError("k", k, f"an integer in [1, {size}]")
     return k
 
 
 def check_tol(tol: object) -> float:
+    """``tol`` validated as a relative residual tolerance, returned as a ``float``.
+
+    Raises:
+        ConfigError: ``tol`` is not a number in ``[0, 1)`` (a ``bool`` is rejected).
+    """
     if isinstance(tol, bool) or not isinstance(tol, int | float) or not 0 <= tol < 1:
         raise ConfigError("tol", tol, "a number in [0, 1) (0 = working accuracy)")
     return float(tol)

@@ -89,6 +89,9 @@ class RowFactored:
 
     @classmethod
     def structured_sum(cls, terms: Terms) -> SymmetricMatrix | None:
+        """The sum of ``terms`` as one :class:`RowGram` (:func:`row_gram_sum`): exact while the
+        stacked rows of the terms are fewer than ``p``, else ``None`` (``combine`` then tries the
+        next class)."""
         return row_gram_sum(terms)
 
 
@@ -108,18 +111,25 @@ class RowGram(RowFactored, SymmetricMatrix):
 
     @property
     def rank_bound(self) -> int:
+        """``min(R, p)``: at most this many eigenvalues are non-zero."""
         return min(self.F.shape[0], self.size)
 
     def row_factor(self) -> tuple[Tensor, Tensor]:
+        """``(F, w)``: the rows ``(R, p)`` and weights ``(R,)`` themselves, which
+        :func:`row_gram_sum` stacks (no copy)."""
         return self.F, self.w
 
     def matmat(self, V: Tensor) -> Tensor:
+        """``F^T (w * (F V))``: two thin products, ``O(p R m)`` for ``V`` ``(p, m)``; no
+        ``p x p`` matrix."""
         return self.F.T @ (self.w.unsqueeze(1) * (self.F @ V))
 
     def dense(self) -> Tensor:
+        """``F^T diag(w) F``: ``(p, p)`` in one ``O(p^2 R)`` product."""
         return self.F.T @ (self.w.unsqueeze(1) * self.F)
 
     def trace(self) -> Tensor:
+        """``sum_r w_r ||f_r||^2`` from the rows: ``O(p R)``, a 0-dim tensor."""
         return (self.w * (self.F**2).sum(dim=1)).sum()
 
     def nonzero_eigh(self) -> tuple[Tensor, Tensor]:
@@ -132,6 +142,10 @@ class RowGram(RowFactored, SymmetricMatrix):
         return vals, Q @ small
 
     def eigvalsh(self) -> Tensor:
+        """All ``p`` eigenvalues, descending. For ``R < p``: those of the ``R x R`` matrix
+        ``T diag(w) T^T`` (``T`` from a thin QR of ``F^T``, ``O(p R^2)``) completed with
+        ``p - R`` exact zeros in their sorted place (negative weights give eigenvalues below
+        them); dense for ``R >= p``."""
         if self.F.shape[0] >= self.size:
             return torch.linalg.eigvalsh(self.dense()).flip(0)
         _, T = torch.linalg.qr(self.F.T, mode="r")
@@ -140,6 +154,7 @@ class RowGram(RowFactored, SymmetricMatrix):
 
     @property
     def exact_size(self) -> int:
+        """``min(R, p)``: the rows of the thin-QR eigenproblem behind :meth:`exact_topk`."""
         return min(self.F.shape[0], self.size)
 
     def exact_topk(self, k: int) -> tuple[Tensor, Tensor, float, str]:
@@ -188,6 +203,9 @@ class KroneckerStructured(RowFactored):
 
     @classmethod
     def structured_sum(cls, terms: Terms) -> SymmetricMatrix | None:
+        """The sum of ``terms`` as one :class:`KroneckerSum` when all are Kronecker with factors
+        of one shape (:func:`kronecker_sum`), else a :class:`RowGram` of the stacked rows
+        (:func:`row_gram_sum`), else ``None``."""
         return kronecker_sum(terms) or row_gram_sum(terms)
 
 
@@ -197,19 +215,26 @@ class ZeroMatrix(RowFactored, SymmetricMatrix):
     exact_size = 0
 
     def exact_topk(self, k: int) -> tuple[Tensor, Tensor, float, str]:
+        """No eigenproblem: ``k`` zeros, an orthonormal basis ``(p, k)`` of the first ``k``
+        directions, next eigenvalue 0 (``-inf`` when ``k = p``) and the route ``"zero"``."""
         empty = torch.zeros(self.size, 0, dtype=self.dtype, device=self.device)
         return (*with_null_space(empty.new_zeros(0), empty, self.size, k), "zero")
 
     def matmat(self, V: Tensor) -> Tensor:
+        """Zeros shaped like ``V`` (``(p, m)``), with no arithmetic."""
         return torch.zeros_like(V)
 
     def dense(self) -> Tensor:
+        """The ``(p, p)`` zero matrix."""
         return torch.zeros(self.size, self.size, dtype=self.dtype, device=self.device)
 
     def eigvalsh(self) -> Tensor:
+        """``p`` zeros: ``(p,)``."""
         return torch.zeros(self.size, dtype=self.dtype, device=self.device)
 
     def row_factor(self) -> tuple[Tensor, Tensor]:
+        """No rows: ``(0, p)`` and ``(0,)``, so that a sum with the zero matrix stays a
+        :class:`RowGram` of the other terms' rows."""
         return torch.zeros(0, self.size, dtype=self.dtype, device=self.device), torch.zeros(
             0, dtype=self.dtype, device=self.device
         )
@@ -245,9 +270,16 @@ class KroneckerGram(KroneckerStructured, SymmetricMatrix):
 
     @property
     def rank_bound(self) -> int:
+        """``min(r, a) min(s, b)``: the number of products of possibly non-zero factor
+        eigenvalues."""
         return min(self.F_P.shape[0], self.a) * min(self.F_Q.shape[1], self.b)
 
     def matmat(self, V: Tensor) -> Tensor:
+        """``vec(P X Q)`` for each column ``vec(X)`` of ``V`` (``X``: ``(a, b)``, row-major vec).
+
+        A thin factor (``r < a`` or ``s < b``) is applied as ``F_P^T (F_P X)`` or
+        ``(X F_Q) F_Q^T``: ``O(r b (a + s))`` per column instead of ``O(a b (a + b))``; ``P ⊗ Q``
+        is never formed."""
         X = V.T.reshape(-1, self.a, self.b)
         # Contract through the thin side of each factor first: O(r a b + r b s) instead of O(a b^2).
         thin_P, thin_Q = self.F_P.shape[0] < self.a, self.F_Q.shape[1] < self.b
@@ -258,9 +290,11 @@ class KroneckerGram(KroneckerStructured, SymmetricMatrix):
         return Y.reshape(-1, self.size).T
 
     def dense(self) -> Tensor:
+        """``torch.kron(P, Q)``: ``(a b, a b)``."""
         return torch.kron(self.P, self.Q)
 
     def trace(self) -> Tensor:
+        """``tr(P) tr(Q) = ||F_P||_F^2 ||F_Q||_F^2`` from the factors (a 0-dim tensor)."""
         return (self.F_P**2).sum() * (self.F_Q**2).sum()
 
     def factor_eigh(
@@ -304,6 +338,8 @@ class KroneckerGram(KroneckerStructured, SymmetricMatrix):
 
     @property
     def exact_size(self) -> int:
+        """The larger of the two factor eigenproblems, ``min(r, a)`` and ``min(s, b)`` (at least
+        1): for a layer Hessian ``max(K, min(d_in, N))`` rather than ``p``."""
         return max(min(self.F_P.shape[0], self.a), min(self.F_Q.shape[1], self.b), 1)
 
     def exact_topk(self, k: int) -> tuple[Tensor, Tensor, float, str]:
@@ -388,6 +424,7 @@ class KroneckerSum(KroneckerStructured, RowGram):
 
     @property
     def rank_bound(self) -> int:
+        """``r s``: the size of ``S``, a bound on the number of non-zero eigenvalues."""
         return self.U.shape[1] * self.W.shape[1]
 
     def small(self) -> Tensor:
@@ -400,18 +437,24 @@ class KroneckerSum(KroneckerStructured, RowGram):
         return 0.5 * (S + S.T)
 
     def matmat(self, V: Tensor) -> Tensor:
+        """``sum_i c_i (P_i ⊗ Q_i) V`` through each term's factored :meth:`KroneckerGram.matmat`
+        (``S`` and its basis are not used)."""
         out = torch.zeros_like(V)
         for c, M in self.terms:
             out = out + c * M.matmat(V)
         return out
 
     def dense(self) -> Tensor:
+        """``sum_i c_i kron(P_i, Q_i)``: ``(a b, a b)``."""
         return sum(c * M.dense() for c, M in self.terms)
 
     def trace(self) -> Tensor:
+        """``sum_i c_i tr(P_i) tr(Q_i)`` from the terms' factors (a 0-dim tensor)."""
         return sum(c * M.trace() for c, M in self.terms)
 
     def eigvalsh(self) -> Tensor:
+        """All ``a b`` eigenvalues, descending: ``eig(S)`` (an ``r s x r s`` problem) completed
+        with ``a b - r s`` exact zeros."""
         return pad_spectrum(torch.linalg.eigvalsh(self.small()), self.size)
 
     def nonzero_eigh(self) -> tuple[Tensor, Tensor]:
@@ -425,6 +468,7 @@ class KroneckerSum(KroneckerStructured, RowGram):
 
     @property
     def exact_size(self) -> int:
+        """``r s``: the size of ``S``, the eigenproblem behind :meth:`exact_topk`."""
         return self.rank_bound
 
     def exact_topk(self, k: int) -> tuple[Tensor, Tensor, float, str]:
@@ -433,10 +477,14 @@ class KroneckerSum(KroneckerStructured, RowGram):
 
     @property
     def F(self) -> Tensor:  # the RowGram view: rows are the lifted eigenvectors
+        """The rows of the :class:`RowGram` view: the lifted eigenvectors of ``S``, ``(r s, p)``
+        (computed once, on first use)."""
         return self.nonzero_eigh()[1].T
 
     @property
     def w(self) -> Tensor:
+        """The weights of the :class:`RowGram` view: the eigenvalues of ``S``, ``(r s,)``
+        descending."""
         return self.nonzero_eigh()[0]
 
 
@@ -454,9 +502,12 @@ class RowSpaceGram(RowFactored, SymmetricMatrix):
     R: int
 
     def matmat(self, V: Tensor) -> Tensor:
+        """``V^T (V X)`` through the subclass's ``apply_V`` and ``apply_VT``: no ``p x p`` or
+        ``NR x p`` matrix is formed."""
         return self.apply_VT(self.apply_V(V))
 
     def row_factor(self) -> tuple[Tensor, Tensor]:
+        """``(rows(), ones)``: the ``(N R, p)`` rows (formed on this call) with unit weights."""
         F = self.rows()
         return F, F.new_ones(F.shape[0])
 
@@ -490,6 +541,9 @@ class RowSpaceGram(RowFactored, SymmetricMatrix):
         return gram_lift(vals, self.apply_VT(small.T.reshape(-1, self.N, self.R)), self.size)
 
     def eigvalsh(self) -> Tensor:
+        """All ``p`` eigenvalues, descending: when ``NR < p`` the top ``rank_bound`` eigenvalues
+        of the ``NR x NR`` Gram completed with exact zeros, else those of the dense ``(p, p)``
+        matrix."""
         if not self._use_gram():
             return torch.linalg.eigvalsh(self.dense()).flip(0)
         vals = torch.linalg.eigvalsh(self.gram()).flip(0)[: self.rank_bound]
@@ -497,6 +551,7 @@ class RowSpaceGram(RowFactored, SymmetricMatrix):
 
     @property
     def exact_size(self) -> int:
+        """``min(N R, p)``: the Gram's size on the Gram route, ``p`` on the dense one."""
         return min(self.N * self.R, self.size)
 
     def exact_topk(self, k: int) -> tuple[Tensor, Tensor, float, str]:
@@ -558,6 +613,9 @@ class JacobianGram(RowSpaceGram):
 
     @property
     def rank_bound(self) -> int:
+        """The ``N R`` rows less the directions that the projector ``C`` removes (``K R`` for
+        ``"within"``, ``K`` for ``"minus_class"``, ``K R - K`` for ``"minus_cross"``, with
+        ``K = N / class_size``), at most ``p``."""
         rows, K = self.N * self.R, self.N // (self.class_size or 1)
         removed = {"within": K * self.R, "minus_class": K, "minus_cross": K * self.R - K}
         if self.class_size is not None:
@@ -656,6 +714,9 @@ class JacobianGram(RowSpaceGram):
         return G
 
     def trace(self) -> Tensor:
+        """Without a projector ``(1/N) sum_n ||Ã_n||_F^2 ||h_n||^2``, ``O(N (R d_out + d_in))``;
+        with one, the trace of the ``NR x NR`` Gram (``tr V^T C V = tr C V V^T C``). A 0-dim
+        tensor."""
         if self.class_size is None:
             A2 = (self.per_sample_A() ** 2).sum(dim=(1, 2))  # ||Ã_n||_F^2
             return (A2 * (self.H**2).sum(dim=0)).sum() / self.N
