@@ -91,6 +91,13 @@ def read_idx_pair(images: Path, labels: Path, K: int) -> tuple[np.ndarray, np.nd
 
 
 def check_labels(y: np.ndarray, K: int, source: str) -> None:
+    """Check that every label of ``y`` is a class index in ``0..K-1``; returns nothing (an empty
+    ``y`` passes).
+
+    Raises:
+        DataError: a label outside ``0..K-1``; the message starts with ``source`` (the file read)
+            and gives the labels' range.
+    """
     if y.size and (y.min() < 0 or y.max() >= K):
         raise DataError(f"{source}: labels in [{y.min()}, {y.max()}], expected 0..{K - 1}")
 

@@ -61,9 +61,13 @@ class DatasetSpec:
 
     @property
     def K(self) -> int:
+        """The number of classes: ``len(classes)``."""
         return len(self.classes)
 
     def split_files(self, split: str) -> tuple[str, ...]:
+        """The file names that ``split`` (``"train"`` or ``"test"``) requires, each of which may
+        also be stored with ``.gz``. A ``KeyError`` for a split the spec lists no files for (the
+        embedded set lists none: it reads no files)."""
         return dict(self.files)[split]
 
 
