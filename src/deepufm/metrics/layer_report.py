@@ -50,6 +50,8 @@ class LayerReport:
     negative_fraction: float | None
 
     def to_dict(self) -> dict:
+        """Every field as a plain ``dict`` (``dataclasses.asdict``: nested lists and dicts
+        copied), ready for JSON."""
         return asdict(self)
 
 

@@ -136,10 +136,13 @@ class UFMConfig:
 
     @property
     def torch_dtype(self) -> torch.dtype:
+        """The ``torch.dtype`` that ``dtype`` names (``torch.float64`` or ``torch.float32``)."""
         return DTYPES[self.dtype]
 
     @property
     def torch_device(self) -> torch.device:
+        """The ``torch.device`` of ``device`` through :func:`resolve_device` (``"auto"``
+        resolved; a CUDA device this machine lacks raises :class:`~deepufm.errors.ConfigError`)."""
         return resolve_device(self.device)
 
     @property
@@ -158,6 +161,9 @@ class UFMConfig:
 
     # -- serialisation -----------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
+        """The configuration as a JSON-ready ``dict`` (``lam_W`` as a list), the inverse of
+        :meth:`from_dict`; ``d_in`` is left out when ``None`` so square models keep the keys of
+        older stored ``config.json`` files."""
         out = asdict(self)
         out["lam_W"] = list(self.lam_W)
         if out["d_in"] is None:

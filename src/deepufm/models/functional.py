@@ -35,6 +35,8 @@ def relu(u: Tensor) -> Tensor:
 
 
 def activate(u: Tensor, activation: str) -> Tensor:
+    """``sigma(u)``: :func:`relu` (derivative 1 at 0) when ``activation == "relu"``, else ``u``
+    itself (any other value is treated as linear); same shape as ``u``."""
     return relu(u) if activation == "relu" else u
 
 

@@ -66,6 +66,9 @@ class BasicBlock(nn.Module):
             )
 
     def forward(self, x: Tensor) -> Tensor:
+        """The block on a batch:
+        ``(B, c_in, H, W) -> (B, c_out, ceil(H/stride), ceil(W/stride))``; the residual is added
+        before the final ReLU."""
         out = F.relu(self.bn1(self.conv1(x)))
         return F.relu(self.bn2(self.conv2(out)) + self.shortcut(x))
 
@@ -93,6 +96,8 @@ class ResNetFeatures(nn.Module):
         self.feature_dim = channels[-1]
 
     def forward(self, x: Tensor) -> Tensor:
+        """Stem, the residual stages, then a global average over the spatial axes:
+        ``(B, in_channels, H, W) -> (B, feature_dim)``."""
         return self.stages(self.stem(x)).mean(dim=(2, 3))
 
 

@@ -79,13 +79,19 @@ class DeepUFM:
 
     # -- objective -----------------------------------------------------------------------------
     def data_loss(self) -> Tensor:
+        """The data loss ``D`` at the current parameters (mean over the ``N`` samples, no
+        regulariser; MSE or CE as ``config.loss`` says): a 0-dim tensor, differentiable in ``H1``
+        and ``W``."""
         cfg = self.config
         return Fn.data_loss(self.output(), cfg.loss, cfg.K, cfg.n)
 
     def regulariser(self) -> Tensor:
+        """``sum_l lam_l/2 ||W_l||_F^2 + lam_H/2 ||H_1||_F^2`` with the configuration's weights:
+        a 0-dim tensor."""
         return Fn.regulariser(self.H1, self.W, self.config.lam_W, self.config.lam_H)
 
     def total_loss(self) -> Tensor:
+        """The objective ``data_loss() + regulariser()`` that training minimises: a 0-dim tensor."""
         return self.data_loss() + self.regulariser()
 
     def loss_fn(self):
@@ -108,10 +114,15 @@ class DeepUFM:
 
     # -- conversion ----------------------------------------------------------------------------
     def to(self, device=None, dtype=None) -> DeepUFM:
+        """A new model with ``H1`` and every ``W_l`` moved by
+        ``Tensor.to(device=..., dtype=...)`` (``None`` keeps each); the configuration object is
+        reused unchanged, and tensors already there are not copied."""
         move = lambda t: t.to(device=device, dtype=dtype)  # noqa: E731
         return DeepUFM(self.config, move(self.H1), [move(W) for W in self.W])
 
     def clone(self) -> DeepUFM:
+        """A copy with cloned parameters (same device, dtype and configuration): changing it in
+        place leaves this model as it is."""
         return DeepUFM(self.config, self.H1.clone(), [W.clone() for W in self.W])
 
     def zeroed(self, below: float) -> DeepUFM:
