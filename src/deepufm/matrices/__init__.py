@@ -1,4 +1,5 @@
-"""The deep-learning matrices of the paper (THEORY §5), exact and structured where possible.
+"""The deep-learning matrices of the paper (Concepts: *The curvature matrices*), exact and
+structured where possible.
 
 Every matrix is a :class:`SymmetricMatrix` (``matmat``, ``dense``, ``eigvalsh``, certified
 ``topk``, ``as_linear_operator``); parameter-space vectors are ``vec``-ed row-major

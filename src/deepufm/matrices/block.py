@@ -1,4 +1,5 @@
-"""The block Hessian over several layers and its Gauss–Newton / residual split (THEORY §5, M6).
+"""The block Hessian over several layers and its Gauss–Newton / residual split (Concepts: *The
+curvature matrices*, v2 Theorem 5).
 
 ``H_blk = d^2 D / dw^2`` for ``w = [vec W_l]_{l in layers}`` (increasing ``l``, row-major vec), split
 ``H_blk = G_blk + E_blk``:
@@ -13,7 +14,7 @@
 
       <dW_m, E_ml dW_l> = sum_ic δ^(m+1)_ic^T dW_m D^(m) W_{m-1} ... W_{l+1} D^(l+1) dW_l h^(l)_ic
 
-  (THEORY M6 for linear nets: ``sum (z - y)^T A^(m+1) dW_m W_{m-1} ... W_{l+1} dW_l h^(l) / N``).
+  (for linear nets: ``sum (z - y)^T A^(m+1) dW_m W_{m-1} ... W_{l+1} dW_l h^(l) / N``).
   Diagonal blocks are zero. A product ``E_blk x`` is one forward tangent sweep (the lower blocks:
   ``E_ml x_l = δ^(m+1) t^(m)T`` with ``t^(m)`` the tangent of ``H_m``) and one reverse cotangent
   sweep (the upper blocks, their adjoints): ``O(L d^2 N)`` per vector, no matrix formed.
@@ -202,7 +203,7 @@ class BlockHessian:
 def block_hessian(
     model: DeepUFM, layers: Sequence[int] | None = None, relu_tol: float = 0.0
 ) -> BlockHessian:
-    """The block data-loss Hessian over ``layers`` (default: all of ``W_1 .. W_L``; THEORY M6).
+    """The block data-loss Hessian over ``layers`` (default: ``W_1 .. W_L``, as in v2 Theorem 5).
 
     Works for linear and ReLU models, MSE and CE (``relu_tol`` as in ``layer_hessian``; the closed
     form uses sigma'(0) = 1 and sigma'' = 0, the a.e. Hessian).

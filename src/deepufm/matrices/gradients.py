@@ -1,4 +1,4 @@
-"""Gradients of one layer and the matrices built from them (THEORY §5: M4, M8, M9).
+"""Gradients of one layer and the matrices built from them (Concepts: *The curvature matrices*).
 
 Everything comes from the factored Jacobian of ``matrices.jacobian`` (rows ``a_{ic,c'} ⊗ h_ic``):
 the per-sample gradient of ``l_ic`` with respect to ``w_l = vec(W_l)`` (row-major) is
@@ -26,7 +26,8 @@ def output_errors(Z: Tensor, Y: Tensor, loss: str) -> Tensor:
     """``r_ic = d l_ic / d z_ic`` for every sample: ``(K, N)``.
 
     MSE (``l = ||z - y||^2 / 2``): ``z - y``; CE (``l = -log softmax(z)_c``): ``softmax(z) - y``.
-    ``Y`` may hold any one-hot labels (the candidate labels ``e_c'`` of M9 as well).
+    ``Y`` may hold any one-hot labels (the candidate labels ``e_c'`` of :func:`backprop_errors` as
+    well).
     """
     return Z - Y if loss == "mse" else torch.softmax(Z, dim=0) - Y
 
@@ -47,7 +48,7 @@ def _layer_errors(model: DeepUFM, layer: int, relu_tol: float) -> tuple[Tensor, 
 
 
 def per_sample_gradients(model: DeepUFM, layer: int, relu_tol: float = 0.0) -> Tensor:
-    """``g_ic = grad_{w_l} l_ic = (A_ic^T r_ic) ⊗ h_ic`` (M4): ``(N, p)``, ``p = d_out d_in``.
+    """``g_ic = grad_{w_l} l_ic = (A_ic^T r_ic) ⊗ h_ic``: ``(N, p)``, ``p = d_out d_in``.
 
     Rows in class-major sample order; gradients of the per-sample *data* loss (no regulariser, not
     divided by ``N``: the data gradient is their mean). MSE and CE; linear and ReLU (sigma'(0)=1,
@@ -58,17 +59,17 @@ def per_sample_gradients(model: DeepUFM, layer: int, relu_tol: float = 0.0) -> T
 
 
 def data_gradient(model: DeepUFM, layer: int, relu_tol: float = 0.0) -> Tensor:
-    """``tilde g_l = grad_{w_l} D = vec(1/N sum_ic b_ic h_ic^T)`` (M4): ``(p,)``, row-major vec.
+    """``tilde g_l = grad_{w_l} D = vec(1/N sum_ic b_ic h_ic^T)``: ``(p,)``, row-major vec.
 
     Linear model: ``vec(A^T (Z - Y) H_l^T / N)``. At a critical point of the regularised objective
-    ``tilde g_l = -lambda_l w_l`` (THEORY §6, Thm 3).
+    ``tilde g_l = -lambda_l w_l`` (v2 Theorem 3).
     """
     B, H = _layer_errors(model, layer, relu_tol)
     return (B.T @ H.T / H.shape[1]).reshape(-1)
 
 
 class GradientCovariance(SymmetricMatrix):
-    """``Sigma_g = 1/N sum_ic (g_ic - g_bar)(g_ic - g_bar)^T`` with ``g_ic = b_ic ⊗ h_ic`` (M8).
+    """``Sigma_g = 1/N sum_ic (g_ic - g_bar)(g_ic - g_bar)^T`` with ``g_ic = b_ic ⊗ h_ic``.
 
     Held as the factors ``B`` ``(N, d_out)`` and ``H`` ``(d_in, N)``; the ``p x p`` matrix is formed
     only by :meth:`dense`. ``matmat`` uses ``g_ic^T vec(X) = b_ic^T X h_ic``. The spectrum (rank
@@ -165,7 +166,8 @@ class GradientCovariance(SymmetricMatrix):
 
 
 def gradient_covariance(model: DeepUFM, layer: int, relu_tol: float = 0.0) -> GradientCovariance:
-    """Covariance of the per-sample gradients of layer ``l`` (M8; v1 E.1 / v2 Thm 10): ``p x p``.
+    """Covariance of the per-sample gradients of layer ``l`` (v1 Theorem E.1 / v2 Theorem 10):
+    ``p x p``.
 
     ``Sigma_g = 1/N sum_ic (g_ic - g_bar)(g_ic - g_bar)^T``, ``g_bar = tilde g_l``. At the linear-MSE
     optimum: rank ``K - 1``, every non-zero eigenvalue ``c (1 - c) lambda_l``.
@@ -178,14 +180,15 @@ ERROR_FORMS = ("mse", "loss")
 
 
 def backprop_errors(model: DeepUFM, layer: int, relu_tol: float = 0.0, form: str = "mse") -> Tensor:
-    """Extended back-propagated errors ``delta_icc'`` at the output of ``W_l`` (M9): ``(N, K, d_out)``.
+    """Extended back-propagated errors ``delta_icc'`` at the output of ``W_l``: ``(N, K, d_out)``.
 
     ``delta_icc' = grad_{u^{(l+1)}_ic} l(z_ic; e_c') = A_ic^T r(z_ic; e_c')`` for every candidate
     label ``c'``, index ``[ic, c', :]``; the ordinary back-propagated error is ``c' = c``.
 
-    * ``form="mse"`` (THEORY M9, any model): ``l = ||z - e_c'||^2 / 2``, ``delta = A_ic^T (z_ic - e_c')``.
+    * ``form="mse"`` (the paper's, any model): ``l = ||z - e_c'||^2 / 2``,
+      ``delta = A_ic^T (z_ic - e_c')``.
     * ``form="loss"``: the model's own loss — the same as ``"mse"`` for MSE models, and
-      ``A_ic^T (softmax(z_ic) - e_c')`` for CE ([D] extension; THEORY defines only the MSE form).
+      ``A_ic^T (softmax(z_ic) - e_c')`` for CE ([D] extension; the paper defines only the MSE form).
     """
     if form not in ERROR_FORMS:
         raise ValueError(f"form={form!r} must be one of {ERROR_FORMS}")
@@ -203,10 +206,10 @@ def backprop_errors(model: DeepUFM, layer: int, relu_tol: float = 0.0, form: str
 def backprop_error_matrix(
     model: DeepUFM, layer: int, relu_tol: float = 0.0, form: str = "mse"
 ) -> DenseSymmetric:
-    """``Sigma_delta = 1/N sum_ic sum_c' delta_icc' delta_icc'^T`` (M9; v1 E.2 / v2 Thm 11).
+    """``Sigma_delta = 1/N sum_ic sum_c' delta_icc' delta_icc'^T`` (v1 Theorem E.2 / v2 Theorem 11).
 
     ``(d_out, d_out)``, summed (not averaged) over ``c'``: the same unit weights as ``G_l``
-    (THEORY M9; divide eigenvalues by ``K`` for the averaged form); ``form`` as in
+    (as in the paper; divide eigenvalues by ``K`` for the averaged form); ``form`` as in
     :func:`backprop_errors`. At the linear-MSE optimum: eigenvalue ``(1 + c^2) c^2 / ||mu'||^2``
     (``K - 1`` times, on ``mu'_c - mu'_G``) and ``(1 - c)^2 c^2 / ||mu'||^2`` (once, on ``mu'_G``).
     """

@@ -1,7 +1,7 @@
-"""Layer-wise Hessians of the data loss (THEORY §5, M2).
+"""Layer-wise Hessians of the data loss (Concepts: *The curvature matrices*).
 
 ``H_l = d^2 D / d w_l^2`` with ``w_l = vec(W_l)`` (row-major, ``deepufm.vec``). With the factored
-Jacobian of ``matrices.jacobian`` (rows ``v_{icc'} = a_{ic,c'} ⊗ h_ic``, M1),
+Jacobian of ``matrices.jacobian`` (rows ``v_{icc'} = a_{ic,c'} ⊗ h_ic``),
 
     G_l = 1/N sum_ic J_ic^T B_ic J_ic,    B_ic = d^2 l_ic / dz^2 = I_K (MSE),  diag(p) - p p^T (CE),
 
@@ -97,12 +97,12 @@ def loss_weighted_factors(jac: LayerJacobian, loss: str) -> Tensor:
 
 
 def layer_hessian(model: DeepUFM, layer: int, relu_tol: float = 0.0) -> SymmetricMatrix:
-    """Hessian of the data loss with respect to ``w_l = vec(W_layer)`` (M2): ``(p, p)``,
+    """Hessian of the data loss with respect to ``w_l = vec(W_layer)``: ``(p, p)``,
     ``p = d_out d_in``; a :class:`KroneckerGram` for linear MSE (and the last layer of a ReLU MSE
     model, where ``A = I``), else a :class:`JacobianGram`.
 
     ``relu_tol``: pre-activations ``u >= -relu_tol * max|u|`` count as non-negative
-    (sigma'(0) = 1, THEORY §3).
+    (sigma'(0) = 1, Concepts: *Conventions*).
 
     The linear head of a real network is the same object: build
     ``DeepUFM(config, features, [W_1, ..., W_L])`` with the head's input features (``d x N``,
@@ -117,13 +117,13 @@ def layer_hessian(model: DeepUFM, layer: int, relu_tol: float = 0.0) -> Symmetri
 
 
 def gauss_newton(model: DeepUFM, layer: int, relu_tol: float = 0.0) -> SymmetricMatrix:
-    """``G_l = 1/N sum_ic J_ic^T B_ic J_ic`` (M2). For one layer of a deep UFM it *is* the layer
+    """``G_l = 1/N sum_ic J_ic^T B_ic J_ic``. For one layer of a deep UFM it *is* the layer
     Hessian: ``E_l = 0`` because the logits are (piecewise) linear in ``w_l`` (module docstring)."""
     return layer_hessian(model, layer, relu_tol)
 
 
 def hessian_residual(model: DeepUFM, layer: int, relu_tol: float = 0.0) -> SymmetricMatrix:
-    """``E_l = H_l - G_l`` (M2): identically zero for one layer of a linear or ReLU deep UFM, with
+    """``E_l = H_l - G_l``: identically zero for one layer of a linear or ReLU deep UFM, with
     MSE or CE, at every point (a.e. for ReLU) — ``E_l`` sums ``dl/dz_k d^2 z_k / dw_l^2`` and
     ``z`` is (piecewise) linear in ``w_l``. Returned as a :class:`ZeroMatrix` of size ``p``."""
     check_layer(model, layer)

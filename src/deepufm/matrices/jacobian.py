@@ -1,4 +1,4 @@
-"""The output Jacobian of one layer in factored form (THEORY §5, M1).
+"""The output Jacobian of one layer in factored form (Concepts: *The curvature matrices*).
 
 For layer ``l`` (weight ``W_l``, ``d_out x d_in``) the Jacobian of the logits of sample ``(i, c)``
 with respect to ``w_l = vec(W_l)`` (row-major) has rows
@@ -60,8 +60,8 @@ class LayerJacobian:
 def relu_derivative(U: Tensor, tol: float = 0.0) -> Tensor:
     """``sigma'(U)`` with sigma'(0) = 1: entries ``u >= -tol * max|U|`` count as non-negative.
 
-    ``tol`` absorbs round-off after long training (THEORY §3: ~1e-12 at constructed points,
-    ~1e-4 after training); ``tol=0`` is the exact convention.
+    ``tol`` absorbs round-off after long training (Concepts: *Conventions*; ~1e-12 at constructed
+    points, ~1e-4 after training); ``tol=0`` is the exact convention.
     """
     scale = U.abs().max() if tol > 0 else U.new_zeros(())
     return (U >= -tol * scale).to(U.dtype)

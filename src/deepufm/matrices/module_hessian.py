@@ -1,4 +1,5 @@
-"""Matrix-free Hessian of the empirical risk of any ``torch.nn.Module`` (THEORY M7).
+"""Matrix-free Hessian of the empirical risk of any ``torch.nn.Module`` (the full-network Hessian of
+v2 §3.4).
 
 For a model ``f(x; theta)``, a loss ``loss_fn(output, y)`` and data given as batches ``(X_b, y_b)``,
 
@@ -14,8 +15,8 @@ over the ``m`` columns: one pass over the data serves all ``m`` vectors (Lanczos
 ``vjp(grad(R_b), theta)`` with the pull-back ``vmap``-ed over the columns (also one pass).
 
 ``theta`` is the concatenation of the chosen parameters, each ``reshape(-1)`` (row-major,
-THEORY §2), in ``named_parameters()`` order, copied when the operator is built (later changes to
-the module do not reach it); the other parameters are held fixed.
+``deepufm.vec``), in ``named_parameters()`` order, copied when the operator is built (later changes
+to the module do not reach it); the other parameters are held fixed.
 
 The model is called through ``torch.func.functional_call`` with its buffers, in whatever mode it is
 in: in ``eval()`` mode BatchNorm uses its running statistics; in ``train()`` mode it uses the

@@ -1,4 +1,5 @@
-"""Papyan's class / cross-class / within-class decomposition of ``G_l`` and knockouts (THEORY §5, M3).
+"""Papyan's class / cross-class / within-class decomposition of ``G_l`` and knockouts (Concepts:
+*The curvature matrices*).
 
 With Jacobian rows ``v_{icc'} = grad_{w_l} z_{ic,c'}`` (unit weights: the MSE loss Hessian is
 ``I_K``), class-pair means ``v_{cc'} = mean_i v_{icc'}`` and class means ``v_c = mean_{c'} v_{cc'}``
@@ -8,7 +9,7 @@ With Jacobian rows ``v_{icc'} = grad_{w_l} z_{ic,c'}`` (unit weights: the MSE lo
         + 1/K sum_{c,c'} (v_cc' - v_c)(v_cc' - v_c)^T         G_cross  (rank <= K(K-1))
         + 1/N sum_{i,c,c'} (v_icc' - v_cc')(v_icc' - v_cc')^T G_within
 
-(no probability weights, the ``c' = c`` terms kept: THEORY M3). A knockout is the spectrum of
+(no probability weights, the ``c' = c`` terms kept, as in the paper). A knockout is the spectrum of
 ``H_l - G_X``; for one layer ``H_l = G_l`` (``hessian.hessian_residual``).
 
 Cross-entropy: the same three sums are taken over Papyan's (2020) loss-Hessian-weighted rows
@@ -55,7 +56,7 @@ class PapyanDecomposition:
 
     Attributes:
         gauss_newton: ``G_l`` (equal to the layer Hessian ``H_l``).
-        class_, cross, within: the three terms of THEORY M3.
+        class_, cross, within: the three terms of the decomposition (module docstring).
         form: ``"mse (unit weights, THEORY M3)"`` or
             ``"ce-loss-hessian-weighted (Papyan 2020)"`` (module docstring).
     """
@@ -74,7 +75,7 @@ class PapyanDecomposition:
         """``{X: H_l - G_X}`` — exact low-rank matrices whenever the row counts allow.
 
         ``H_l - G_within`` is taken as ``G_class + G_cross`` (``K + K^2`` rows): the same matrix by
-        the M3 identity (``H_l = G_l`` for one layer), without cancelling the large within-class
+        the decomposition (``H_l = G_l`` for one layer), without cancelling the large within-class
         part against itself.
         """
         G, within = self.gauss_newton, self.within
@@ -104,7 +105,7 @@ def jacobian_rows(model: DeepUFM, layer: int, relu_tol: float = 0.0) -> Tensor:
 
 
 def papyan_decomposition(model: DeepUFM, layer: int, relu_tol: float = 0.0) -> PapyanDecomposition:
-    """``G_class``, ``G_cross``, ``G_within`` of the layer Gauss–Newton matrix (THEORY M3; for CE
+    """``G_class``, ``G_cross``, ``G_within`` of the layer Gauss–Newton matrix (the MSE form; for CE
     the loss-Hessian-weighted rows of Papyan 2020 — see the module docstring and ``form``).
 
     ``relu_tol``: pre-activations ``u >= -relu_tol * max|u|`` count as non-negative.
@@ -152,12 +153,12 @@ def knockout_spectra(
     model: DeepUFM, layer: int, k: int | None = None, relu_tol: float = 0.0
 ) -> dict[str, Tensor]:
     """Descending eigenvalues of ``H_l - G_X`` for ``X`` in ``class``, ``cross``, ``within``
-    (THEORY M3; v1 Figs 5-6, v2 Figs 9-10): ``{X: (k,)}``, all ``p`` of them when ``k`` is None.
+    (v1 Figs 5-6, v2 Figs 9-10): ``{X: (k,)}``, all ``p`` of them when ``k`` is None.
 
     Exact: in the shared factor basis for linear MSE (:class:`KroneckerSum`), from the
     ``N R x N R`` row-space Gram (``JacobianGram`` with a sample-side projector) when that is smaller
     than ``p``, densely otherwise; ``H_l - G_within = G_class + G_cross`` from its ``K + K^2`` rows.
-    At a DNC optimum the non-zero counts are ``K(K-1)``, ``K`` and ``K^2`` (THEORY §6).
+    At a DNC optimum the non-zero counts are ``K(K-1)``, ``K`` and ``K^2`` (v2 Theorem 2).
     """
     dec = papyan_decomposition(model, layer, relu_tol)
     out = {name: M.eigvalsh() for name, M in dec.knockouts().items()}

@@ -4,7 +4,7 @@ The curvature matrices of a deep UFM are built from a few exact structures, each
 :class:`~deepufm.matrices.operator.SymmetricMatrix` with an exact small eigenproblem behind its
 spectrum and its top-k (certified by ``deepufm.matrices.spectra``):
 
-* :class:`KroneckerGram` ``P ⊗ Q`` (the linear-MSE layer Hessian, THEORY §2): eigenpairs are
+* :class:`KroneckerGram` ``P ⊗ Q`` (the linear-MSE layer Hessian): eigenpairs are
   products of the factors' (``K x K`` and ``min(d, N)``-sized Grams);
 * :class:`RowGram` ``F^T diag(w) F`` with ``R`` rows (Papyan's class and cross-class terms, signed
   knockouts): an ``R x R`` problem after a thin QR;
@@ -247,9 +247,9 @@ class KroneckerGram(KroneckerStructured, SymmetricMatrix):
     """``P ⊗ Q`` with ``P = F_P^T F_P`` (``F_P``: ``r x a``) and ``Q = F_Q F_Q^T`` (``F_Q``: ``b x s``).
 
     Size ``a b``; vectors are ``vec`` of ``a x b`` matrices (row-major), and
-    ``(P ⊗ Q) vec(X) = vec(P X Q)`` (THEORY §2). The linear-MSE layer Hessian is
+    ``(P ⊗ Q) vec(X) = vec(P X Q)`` (``deepufm.vec``). The linear-MSE layer Hessian is
     ``F_P = A^{(l+1)}`` (``K x d_out``), ``F_Q = H_l / sqrt(N)`` (``d_in x N``). Eigenvalues are the
-    products ``p_i q_j``, eigenvectors ``u_i ⊗ w_j`` (THEORY §2).
+    products ``p_i q_j``, eigenvectors ``u_i ⊗ w_j``.
     """
 
     def __init__(self, F_P: Tensor, F_Q: Tensor) -> None:
@@ -400,7 +400,7 @@ class KroneckerSum(KroneckerStructured, RowGram):
     ``Q_i = F_Qi F_Qi^T`` in the column space of the stacked ``F_Q``'s. With orthonormal bases
     ``U`` (``a x r``) and ``W`` (``b x s``) of the two, ``M = (U ⊗ W) S (U ⊗ W)^T`` with
 
-        S = sum_i c_i (U^T P_i U) ⊗ (W^T Q_i W)        (r s x r s, THEORY §2),
+        S = sum_i c_i (U^T P_i U) ⊗ (W^T Q_i W)        (r s x r s),
 
     so the spectrum is ``eig(S)`` followed by ``a b - r s`` exact zeros: for a layer Hessian
     minus a Papyan term ``r <= K`` (every left factor is in the row space of ``A``) and
@@ -562,8 +562,9 @@ class RowSpaceGram(RowFactored, SymmetricMatrix):
         return (*with_null_space(*self._gram_pairs(k), self.size, k), "gram")
 
 
-# The sample-side projectors C of JacobianGram (THEORY M3): with M_pair averaging the rows of one
-# (class, r) pair over the n samples and M_class averaging a class's n R rows, the Papyan terms are
+# The sample-side projectors C of JacobianGram (Papyan's terms, as in deepufm.matrices.papyan):
+# with M_pair averaging the rows of one (class, r) pair over the n samples and M_class averaging a
+# class's n R rows, the Papyan terms are
 # V^T M_class V = G_class, V^T (M_pair - M_class) V = G_cross, V^T (I - M_pair) V = G_within.
 PARTS = ("within", "minus_class", "minus_cross")
 
