@@ -1,4 +1,4 @@
-"""Metrics of collapse, alignment and spectra (THEORY §4.1, §9)."""
+"""Metrics of collapse, alignment and spectra (Concepts: *Deep neural collapse*, *The metrics*)."""
 
 from deepufm.metrics.collapse import (
     class_means,

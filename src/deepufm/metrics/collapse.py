@@ -1,4 +1,4 @@
-"""Neural-collapse metrics of a feature matrix (THEORY §4.1).
+"""Neural-collapse metrics of a feature matrix (Concepts: *Deep neural collapse*).
 
 Features ``H`` are ``(d, N)`` with class-major columns: ``n`` consecutive columns per class.
 

@@ -62,8 +62,8 @@ def layer_report(
     rank_rtol: float | None = None,
     relu_tol: float = 0.0,
 ) -> LayerReport:
-    """All quantities of one layer (THEORY §5, §9); Papyan terms are the MSE form (M3), the
-    loss-Hessian-weighted form for CE.
+    """All quantities of one layer (Concepts: *The curvature matrices*, *The metrics*); Papyan terms
+    are the MSE form, the loss-Hessian-weighted form for CE.
 
     Ranks count eigenvalues above ``rank_rtol * lambda_max(H_l)``; by default ``rank_rtol`` is
     the rank rule of ``deepufm.matrices.spectra`` (``p * eps`` of the model's dtype), so a float32

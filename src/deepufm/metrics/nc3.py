@@ -1,8 +1,8 @@
-"""NC3-type (weight–feature) alignment metrics (THEORY §4.1, forms (a)–(d)).
+"""NC3-type (weight–feature) alignment metrics (Concepts: *Deep neural collapse*, DNC3).
 
 ``A^{(l)} = W_L W_{L-1} ... W_l`` (``K x d``) maps the features ``h^{(l)}`` to the logits in the
 linear model; at DNC its rows are proportional to the class means, ``a^{(l)}_c = beta_l mu^{(l)}_c``,
-and ``W_l = omega_l sum_c hat mu^{(l+1)}_c hat mu^{(l)T}_c`` (THEORY §4.1, §6).
+and ``W_l = omega_l sum_c hat mu^{(l+1)}_c hat mu^{(l)T}_c`` (v2 Theorem 4).
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ def back_product(
     """``A^{(l)}``, the map from ``h^{(l)}`` to ``z``: ``1 <= layer <= L``.
 
     ``per_sample=False``: the weight product ``W_L ... W_l`` ``(K, d_in)`` (no activations).
-    ``per_sample=True``: THEORY §1's ``A^{(l)}_{ic} = W_L D^{(L)}_{ic} ... W_l D^{(l)}_{ic}
+    ``per_sample=True``: the per-sample ``A^{(l)}_{ic} = W_L D^{(L)}_{ic} ... W_l D^{(l)}_{ic}
     = dz_ic / du^{(l)}_ic`` ``(N, K, d_in)``, the ReLU masks ``D^{(m)}_{ic} = diag sigma'(u^{(m)}_ic)``
     (sigma'(0)=1, entries ``>= -relu_tol max|U_m|`` count as non-negative) *including the trailing*
     ``D^{(l)}``: the map from the pre-activation, not from ``h^{(l)}``. Layer 1 has no activation
@@ -66,7 +66,7 @@ def nc3_gram(A: Tensor) -> Tensor:
 
     ``A`` ``(K, d)`` gives (c); per-sample ``A_ic`` ``(N, K, d)`` give (d), the data average
     ``mean_ic A_ic A_ic^T`` with the same normalisation (mean diagonal 1). ``O = I_K`` at DNC.
-    Normalisation [U] in THEORY §12: dividing by the root-mean-square row norm is our choice.
+    Normalisation [U]: dividing by the root-mean-square row norm is our choice.
     """
     G = A @ A.transpose(-1, -2)
     if G.dim() == 3:
@@ -75,14 +75,14 @@ def nc3_gram(A: Tensor) -> Tensor:
 
 
 def nc3_alignment(model: DeepUFM, layer: int, form: str = "a", relu_tol: float = 0.0):
-    """One NC3-type alignment of layer ``l`` (``1 <= l <= L``), form (a)–(d) of THEORY §4.1.
+    """One NC3-type alignment of layer ``l`` (``1 <= l <= L``), form (a)–(d) (module docstring).
 
     (a) ``float``: ``min_c cos^2(a^{(l)}_c, mu^{(l)}_c)`` with ``A^{(l)} = W_L ... W_l``;
     (b) ``float``: row-space residual of ``W_l`` outside ``span M_l``;
     (c) ``(K, K)`` tensor: normalised ``A^{(l)} A^{(l)T}``;
     (d) ``(K, K)`` tensor: normalised data average of ``A^{(l)}_{ic} A^{(l)T}_{ic}`` with
-    ``A^{(l)}_{ic} = dz_ic/du^{(l)}_ic`` as THEORY §1 defines it (ReLU masks up to and including
-    ``D^{(l)}``; :func:`back_product` with ``per_sample=True``).
+    ``A^{(l)}_{ic} = dz_ic/du^{(l)}_ic`` as :func:`back_product` with ``per_sample=True`` defines
+    it (ReLU masks up to and including ``D^{(l)}``).
     """
     if form not in NC3_FORMS:
         raise ValueError(f"form={form!r} must be one of {NC3_FORMS}")

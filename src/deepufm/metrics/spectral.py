@@ -1,4 +1,5 @@
-"""Alignment and spectral metrics (THEORY §4.1, §9), one small function each.
+"""Alignment and spectral metrics (Concepts: *Deep neural collapse*, *The metrics*), one small
+function each.
 
 ``M`` arguments may be a dense symmetric tensor or any ``deepufm.matrices.SymmetricMatrix``.
 Parameter-space vectors are ``vec``-ed row-major, so the paper's natural basis vector
@@ -37,7 +38,7 @@ def kron_columns(left: Tensor, right: Tensor) -> Tensor:
 
 
 def eigvec_alignment(V: Tensor, M: Matrix) -> Tensor:
-    """``f(v; M) = (v^T M v)^2 / (||v||^2 ||M v||^2)`` in ``[0, 1]`` (THEORY §9; v1 ``f_cc'``, v2
+    """``f(v; M) = (v^T M v)^2 / (||v||^2 ||M v||^2)`` in ``[0, 1]`` (v1 ``f_cc'``, v2
     "cosine similarity squared"): ``1`` iff ``v`` is an eigenvector with a non-zero eigenvalue.
 
     ``V`` ``(p,)`` -> scalar tensor, or ``(p, m)`` -> ``(m,)`` (one value per column). ``0`` when
@@ -51,11 +52,11 @@ def eigvec_alignment(V: Tensor, M: Matrix) -> Tensor:
 
 
 def eigvec_alignment_matrix(M: Matrix, means_out: Tensor, means_in: Tensor) -> Tensor:
-    """``f_cc' = f(mu'_c ⊗ mu_c'; M)`` for the layer Hessian ``M`` of ``W_l`` (THEORY §9): ``(K, K)``.
+    """``f_cc' = f(mu'_c ⊗ mu_c'; M)`` for the layer Hessian ``M`` of ``W_l``: ``(K, K)``.
 
     ``M`` is any symmetric matrix of size ``d_out d_in``. For a Kronecker Hessian ``P ⊗ Q``
     (linear MSE) ``f(a ⊗ b; P ⊗ Q) = f(a; P) f(b; Q)``, computed from the factors alone.
-    At DNC every entry is 1 (THEORY §6, Thm 1).
+    At DNC every entry is 1 (v2 Theorem 1).
     """
     if isinstance(M, KroneckerGram):
         return torch.outer(eigvec_alignment(means_out, M.P), eigvec_alignment(means_in, M.Q))
@@ -65,7 +66,7 @@ def eigvec_alignment_matrix(M: Matrix, means_out: Tensor, means_in: Tensor) -> T
 
 def gradient_coefficients(g: Tensor, means_out: Tensor, means_in: Tensor) -> Tensor:
     """``gamma_cc' = cos^2(g, mu'_c ⊗ mu_c') = (mu'_c^T G mu_c')^2 / (||G||_F^2 ||mu'_c||^2 ||mu_c'||^2)``
-    with ``G`` the ``(d_out, d_in)`` matrix of ``g`` (THEORY §9): ``(K, K)``.
+    with ``G`` the ``(d_out, d_in)`` matrix of ``g``: ``(K, K)``.
 
     They sum to 1 when the ``mu'_c ⊗ mu_c'`` are orthogonal and span ``g``; prediction at DNC:
     ``I_K / K`` (Thm 3).
@@ -84,7 +85,7 @@ def basis_coefficients(g: Tensor, V: Tensor) -> Tensor:
 
 def projection_proportion(g: Tensor, V: Tensor) -> float:
     """``pi(g) = ||P g||^2 / ||g||^2`` with ``P`` the projector on the orthonormal columns of ``V``
-    ``(p, k)`` (Gur-Ari, Roberts & Dyer 2018; THEORY §9). Use the data gradient ``tilde g_l``.
+    ``(p, k)`` (Gur-Ari, Roberts & Dyer 2018). Use the data gradient ``tilde g_l``.
 
     ``nan`` when ``g = 0`` (e.g. at an exact optimum of the data loss): a zero gradient lies in
     no subspace, and 0/0 must not read as a proportion. ``g`` is scaled by ``max|g|`` first, so
@@ -109,7 +110,7 @@ def eigenbasis_coefficients(g: Tensor, V: Tensor) -> Tensor:
 
 def subspace_overlap(V1: Tensor, V2: Tensor) -> float:
     """``ov = tr(P_1 P_2) / k = ||V1^T V2||_F^2 / k`` for two ``(p, k)`` orthonormal bases
-    (Gur-Ari et al. 2018; THEORY §9): in ``[0, 1]``, 1 iff the subspaces coincide."""
+    (Gur-Ari et al. 2018): in ``[0, 1]``, 1 iff the subspaces coincide."""
     return float(((V1.T @ V2) ** 2).sum() / V1.shape[1])
 
 
@@ -138,7 +139,7 @@ def outlier_count(
     min_gap: float = 2.0,
     size: int | None = None,
 ) -> int:
-    """Number of outlier eigenvalues, by an explicit rule (THEORY §9).
+    """Number of outlier eigenvalues, by an explicit rule (Concepts: *The metrics*).
 
     Only eigenvalues above the numerical-zero threshold are *kept* (``lambda_max > 0``; else the
     count is 0): the rank rule of ``deepufm.matrices.spectra`` (``size * eps(dtype)`` relative to
@@ -176,14 +177,14 @@ def outlier_stats(eigenvalues: Tensor, k: int) -> tuple[float, float]:
 
 def negative_fraction(U: Tensor, tol: float = 0.0) -> float:
     """Fraction of entries of a pre-activation matrix ``U_l`` below ``-tol * max|U_l|`` (v2 §5,
-    ReLU; THEORY §4.1; ``tol = 0`` is the paper's description)."""
+    ReLU; ``tol = 0`` is the paper's description)."""
     return float((U < -tol * U.abs().max()).to(torch.float64).mean())
 
 
 def singular_vector_alignment(
     W: Tensor, means_out: Tensor, means_in: Tensor
 ) -> tuple[Tensor, Tensor]:
-    """``(f(mu'_c; W W^T), f(mu_c; W^T W))`` per class (v2 Fig. 16; THEORY §9): left and right
+    """``(f(mu'_c; W W^T), f(mu_c; W^T W))`` per class (v2 Fig. 16): left and right
     singular-vector alignment of ``W_l`` ``(d_out, d_in)`` with the output / input class means,
     ``(K,)`` each; both 1 at DNC (Thm 4)."""
     return eigvec_alignment(means_out, W @ W.T), eigvec_alignment(means_in, W.T @ W)
