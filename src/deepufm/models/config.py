@@ -1,4 +1,5 @@
-"""`UFMConfig`: every hyperparameter of a deep unconstrained feature model (THEORY §1, §3)."""
+"""`UFMConfig`: every hyperparameter of a deep unconstrained feature model (Concepts: *Deep
+unconstrained feature models*)."""
 
 from __future__ import annotations
 
@@ -35,7 +36,7 @@ class UFMConfig:
     Attributes:
         K: classes (>= 2). n: samples per class (>= 1). d: width (>= K). L: weight layers (>= 1).
         d_in: rows of ``H_1`` (columns of ``W_1``) when they differ from ``d`` — the feature
-            dimension of a real network's head input (THEORY §10); ``None`` (the default, and the
+            dimension of a real network's head input (v2 App. G.2); ``None`` (the default, and the
             stored value whenever ``d_in == d``) means ``d``. See :attr:`input_dim`.
         activation: ``"linear"`` or ``"relu"`` (on the pre-activations of layers 2..L).
         loss: ``"mse"`` or ``"ce"``.

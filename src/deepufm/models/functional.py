@@ -1,4 +1,5 @@
-"""Pure functions of the deep UFM (THEORY §1, §3): forward pass, losses, regulariser.
+"""Pure functions of the deep UFM (Concepts: *Deep unconstrained feature models*): forward pass,
+losses, regulariser.
 
 They take tensors and return tensors, with no hidden state, so that ``torch.func`` transforms
 (``grad``, ``hessian``, ``vmap``) compose over them. Shapes: ``H1`` is ``(d, N)`` with class-major
@@ -26,7 +27,7 @@ def labels(K: int, n: int, dtype: torch.dtype = torch.float64, device=None) -> T
 
 
 def relu(u: Tensor) -> Tensor:
-    """ReLU whose autograd derivative at 0 is 1 (the paper's convention, THEORY §3).
+    """ReLU whose autograd derivative at 0 is 1 (the paper's convention; Concepts: *Conventions*).
 
     ``torch.relu`` has derivative 0 at 0, which gives wrong Hessians at DNC points where many
     pre-activations are exactly 0.
@@ -89,6 +90,6 @@ def total_loss(
     lam_W: Sequence[float],
     lam_H: float,
 ) -> Tensor:
-    """The objective ``L = D + regulariser`` (THEORY §3)."""
+    """The objective ``L = D + regulariser`` (Concepts: *Deep unconstrained feature models*)."""
     Z = forward(H1, Ws, activation)[-1]
     return data_loss(Z, loss, K, n) + regulariser(H1, Ws, lam_W, lam_H)

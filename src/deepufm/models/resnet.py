@@ -1,6 +1,6 @@
 """A real network with a deep linear head: ResNet-20 feature map + ``L`` bias-free linear layers.
 
-THEORY §10 (v2 App. G.2): the feature map is the CIFAR ResNet-20 of He et al. (2016, §4.2) — a
+v2 App. G.2: the feature map is the CIFAR ResNet-20 of He et al. (2016, §4.2) — a
 3 x 3 convolution to 16 channels, three stages of three basic blocks with 16, 32, 64 channels
 (stride 2 at the start of stages 2 and 3), global average pooling — giving ``h^{(1)}`` of
 dimension 64 (``feature_dim``). Shortcuts that change shape use **option B** (a strided 1 x 1
@@ -11,7 +11,7 @@ without activations (a deep *linear* head): ``W_1`` is ``(d, feature_dim)``, ``W
 ``(d, d)``, ``W_L`` ``(K, d)``; ``z = W_L ... W_1 h^{(1)}``. All weights use PyTorch's default
 initialisation, drawn from ``seed`` without touching the global random state.
 
-Objective (THEORY §3 made per batch): for a batch of ``B`` samples with features ``H`` (``B`` rows)
+Objective (the deep UFM's, per batch): for a batch of ``B`` samples with features ``H`` (``B`` rows)
 
     L_B = D_B + sum_l lam_l/2 ||W_l||_F^2 + lam_H/2 ||H||_F^2 + wd/2 sum_{backbone p} ||p||^2,
 
@@ -102,12 +102,12 @@ class ResNetFeatures(nn.Module):
 
 
 class ResNetUFM(nn.Module):
-    """ResNet feature map followed by a deep linear head (module docstring, THEORY §10).
+    """ResNet feature map followed by a deep linear head (module docstring; v2 App. G.2).
 
     Args:
         K: classes (>= 2).
         in_channels: 1 (MNIST, Fashion-MNIST) or 3 (CIFAR-10).
-        d: head width (>= K); THEORY §10 provisional default 64.
+        d: head width (>= K); [U] provisional default 64.
         L: head layers (>= 1); the paper's four.
         width: channel multiplier of the feature map (> 0); ``feature_dim = round(64 * width)``.
         blocks: basic blocks per stage (3 = ResNet-20).
@@ -200,7 +200,7 @@ def regulariser(
 
 
 def batch_data_loss(logits: Tensor, y: Tensor, loss: str = "mse") -> Tensor:
-    """Data loss of a batch (THEORY §3): ``||Z - Y||_F^2 / (2B)`` (MSE, one-hot ``Y``) or the mean
+    """Data loss of a batch: ``||Z - Y||_F^2 / (2B)`` (MSE, one-hot ``Y``) or the mean
     cross-entropy; ``logits`` ``(B, K)``, ``y`` ``(B,)`` long."""
     if loss == "mse":
         target = F.one_hot(y, logits.shape[1]).to(logits.dtype)
@@ -260,7 +260,7 @@ def head_state(
     bn_mode: str = "eval",
     batch_size: int | None = None,
 ) -> DeepUFM:
-    """The head of ``model`` on data ``(X, y)`` as a deep UFM (THEORY §10).
+    """The head of ``model`` on data ``(X, y)`` as a deep UFM (v2 §3.4, App. G.2).
 
     ``H1`` ``(feature_dim, N)`` are the features of ``X`` ``(N, C, H, W)`` (columns, class-major as
     ``y`` must be: ``[0]*n + [1]*n + ...``) computed under :func:`curvature_mode` ``bn_mode`` in

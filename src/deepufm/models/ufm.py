@@ -1,4 +1,5 @@
-"""`DeepUFM`: the state of a deep unconstrained feature model (THEORY §1, §3)."""
+"""`DeepUFM`: the state of a deep unconstrained feature model (Concepts: *Deep unconstrained
+feature models*)."""
 
 from __future__ import annotations
 
@@ -18,7 +19,7 @@ class DeepUFM:
     Attributes:
         config: the hyperparameters.
         H1: unconstrained features, ``(d, N)``, class-major columns (``(d_in, N)`` when the config
-            has ``d_in``, e.g. the head of a real network, THEORY §10).
+            has ``d_in``, e.g. the head of a real network, v2 App. G.2).
         W: ``[W_1, ..., W_L]``; ``W_l`` is ``(d, d)`` for ``l < L`` and ``W_L`` is ``(K, d)``.
 
     Layer ``l`` is the weight ``W_l``; its input features are ``H_l`` (``features()[l-1]``).
@@ -128,7 +129,7 @@ class DeepUFM:
     def zeroed(self, below: float) -> DeepUFM:
         """A copy with every parameter entry of magnitude ``< below`` set to 0.
 
-        The paper's ReLU practice (v2 Figs 4–5, THEORY §7): after long training, entries that
+        The paper's ReLU practice (v2 Figs 4–5): after long training, entries that
         should be exactly 0 at a Definition-2 point are tiny instead, and only exact zeros get
         sigma'(0) = 1. ``below = 0`` returns an unchanged copy.
         """
