@@ -1,7 +1,8 @@
 """The closed-form theory: threshold, constants, the exact DNC optimum and every prediction.
 
-THEORY §4 (threshold, ``c``, construction), §6 (linear MSE predictions), §7 (ReLU Definition 2),
-§8 (cross-entropy). Numbering of the paper's theorems is kept in each ``Prediction``.
+The Concepts page states them: *Deep neural collapse* (threshold, ``c``, construction), *Predictions
+at the optimum* (linear MSE, ReLU Definition 2, cross-entropy). Numbering of the paper's theorems is
+kept in each ``Prediction``.
 """
 
 from deepufm.theory.ce import CEConstants, ce_constants, ce_logit_scale, effective_lambda

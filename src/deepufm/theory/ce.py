@@ -1,4 +1,4 @@
-"""Cross-entropy deep linear UFM: the logit scale alpha and the Theorem-9 spectrum (THEORY §8)."""
+"""Cross-entropy deep linear UFM: the logit scale alpha and the Theorem-9 spectrum (v2 App. B)."""
 
 from __future__ import annotations
 
@@ -58,7 +58,7 @@ def ce_logit_scale(config: UFMConfig) -> float:
 
 @dataclass(frozen=True)
 class CEConstants:
-    """Constants of the CE DNC critical point (THEORY §8), layer tuples indexed by ``l - 1``.
+    """Constants of the CE DNC critical point (v2 App. B), layer tuples indexed by ``l - 1``.
 
     ``s2[l]`` is the squared singular value of ``W_l`` (``K-1``-fold; ``s2_H`` that of ``H_1``),
     ``eps`` the off-class softmax probability ``1/(e^alpha + K - 1)``, ``lambda0[l]`` the mini-bulk
@@ -90,7 +90,7 @@ class CEConstants:
 
 
 def ce_constants(config: UFMConfig) -> CEConstants:
-    """Constants of the CE DNC critical point of ``config`` (linear model, THEORY §8)."""
+    """Constants of the CE DNC critical point of ``config`` (linear model, v2 App. B)."""
     K, n, L = config.K, config.n, config.L
     alpha = ce_logit_scale(config)
     # Balanced singular values: lam_l s_l^2 = lam_H s_H^2 = tau, with s_H prod s_l = alpha sqrt(n).

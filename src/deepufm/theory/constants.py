@@ -1,4 +1,5 @@
-"""The constant ``c`` and every derived constant of the DNC optimum (THEORY §4.2).
+"""The constant ``c`` and every derived constant of the DNC optimum (Concepts: *Deep neural
+collapse*).
 
 All formulas hold for per-layer ``lam_l`` and a separate ``lam_H``; the single-lambda forms of the
 paper (v2) are the specialisation ``lam_l = lam_H = lam``. Layers are 1-based in names
@@ -64,13 +65,14 @@ def dnc_constant(b: float, L: int) -> float:
 
 
 def reduced_loss(c: float, b: float, L: int) -> float:
-    """Loss after optimal balancing, ``f(c) = (1-c)^2/2 + (L+1)/2 b c^{2/(L+1)}`` (THEORY §4.2)."""
+    """Loss after optimal balancing, ``f(c) = (1-c)^2/2 + (L+1)/2 b c^{2/(L+1)}``."""
     return 0.5 * (1 - c) ** 2 + 0.5 * (L + 1) * b * c ** (2 / (L + 1))
 
 
 @dataclass(frozen=True)
 class DNCConstants:
-    """Constants of the linear-MSE DNC optimum for one configuration (THEORY §4.2, §6).
+    """Constants of the linear-MSE DNC optimum for one configuration (Concepts: *Deep neural
+    collapse*, *Predictions at the optimum*).
 
     Attributes (tuples indexed by layer ``l - 1``):
         b, b_crit, c: threshold quantity, its critical value, the output scale (``Z = cY``).
@@ -122,7 +124,8 @@ def _positive_lams(config: UFMConfig) -> None:
 
 
 def dnc_constants(config: UFMConfig) -> DNCConstants:
-    """Every constant of the linear-MSE DNC optimum of ``config`` (THEORY §4.2 table)."""
+    """Every constant of the linear-MSE DNC optimum of ``config`` (Concepts: *Deep neural
+    collapse*)."""
     _positive_lams(config)
     K, n, L = config.K, config.n, config.L
     b = regularisation_b(config)

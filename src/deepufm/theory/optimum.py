@@ -1,5 +1,5 @@
-"""Exact DNC points: the linear-MSE global optimum (THEORY §4.3), the ReLU Definition-2 point
-(§7) and the CE DNC critical point (§8)."""
+"""Exact DNC points: the linear-MSE global optimum (Concepts: *Deep neural collapse*), the ReLU
+Definition-2 point and the CE DNC critical point (Definition 3, v2 App. B)."""
 
 from __future__ import annotations
 
@@ -39,12 +39,14 @@ def _frames(config: UFMConfig, seed: int | None, nonnegative: bool) -> list[Tens
 
 
 def dnc_optimum(config: UFMConfig, seed: int | None = None, nonnegative: bool = False) -> DeepUFM:
-    """A global optimum of the linear-MSE deep UFM, built exactly (THEORY §4.3).
+    """A global optimum of the linear-MSE deep UFM, built exactly (Concepts: *Deep neural
+    collapse*).
 
-    ``H_1 = h U_0^K ⊗ 1_n^T``, ``W_l = omega_l U_l^K U_{l-1}^{K T}``, ``W_L = omega_L U_{L-1}^{K T}``
-    with random orthogonal frames ``U_m`` (seeded). With ``nonnegative=True`` the frames
-    are permutations, so every pre-activation is non-negative: the ReLU model's
-    DNC point of Definition 2 (THEORY §7), accepted for ``activation="relu"`` as well.
+    ``H_1 = h U_0^K ⊗ 1_n^T``, ``W_l = omega_l U_l^K U_{l-1}^{K T}``,
+    ``W_L = omega_L U_{L-1}^{K T}`` with random orthogonal frames ``U_m`` (seeded). With
+    ``nonnegative=True`` the frames are permutations, so every pre-activation is non-negative: the
+    ReLU model's DNC point of v2 Definition 2 (where Theorem 7 applies), accepted for
+    ``activation="relu"`` as well.
     """
     if config.loss != "mse":
         raise ConfigError("loss", config.loss, "mse (use ce_dnc_point for cross-entropy)")
@@ -61,7 +63,8 @@ def dnc_optimum(config: UFMConfig, seed: int | None = None, nonnegative: bool = 
 
 
 def flat_family_point(config: UFMConfig, a: float, seed: int | None = None) -> DeepUFM:
-    """A point of the flat family at the first ReLU (THEORY §7): same loss as Definition 2.
+    """A point of the flat family at the first ReLU (Concepts: *Where the code departs from or goes
+    beyond the paper*): same loss as Definition 2.
 
     Starting from the Definition-2 point (``dnc_optimum(nonnegative=True)``), the product
     ``W_1 H_1 = t U (I_K) ⊗ 1_n^T`` is replaced by ``t/(1-a) U (I_K - a 1 1^T) ⊗ 1_n^T``, which
@@ -100,7 +103,7 @@ def simplex_basis(K: int, dtype: torch.dtype = torch.float64) -> Tensor:
 
 
 def ce_dnc_point(config: UFMConfig, seed: int | None = None) -> DeepUFM:
-    """The CE DNC critical point of Definition 3 (THEORY §8): ``Z = alpha S ⊗ 1_n^T``.
+    """The CE DNC critical point of Definition 3 (v2 App. B): ``Z = alpha S ⊗ 1_n^T``.
 
     ``H_1 = s_H U_0^{K-1} R^T``, ``W_l = s_l U_l^{K-1} U_{l-1}^{K-1 T}``, ``W_L = s_L Q U_{L-1}^{K-1 T}``
     with ``R = (Q ⊗ 1_n)/sqrt(n)`` and balanced singular values ``lam_l s_l^2 = lam_H s_H^2``.

@@ -1,4 +1,4 @@
-"""Every closed-form prediction of the paper, as data (THEORY §6, §7, §8).
+"""Every closed-form prediction of the paper, as data (Concepts: *Predictions at the optimum*).
 
 A :class:`Prediction` names the matrix it is about, the layer, the predicted non-zero eigenvalues
 with multiplicities, the rank, and the predicted eigenvectors / singular vectors as the columns of
@@ -54,7 +54,8 @@ def _means(model: DeepUFM, layer: int) -> tuple[Tensor, Tensor]:
 
 
 def predictions(model: DeepUFM, layer: int) -> list[Prediction]:
-    """The linear-MSE predictions of THEORY §6 for ``W_layer``, vectors from ``model``'s means.
+    """The linear-MSE predictions for ``W_layer`` (v1 Theorems 4.1–4.4, E.1–E.3; v2 Theorems 1–4,
+    10, 11), vectors from ``model``'s means.
 
     Eigenvalues come from the configuration (``dnc_constants``); for the ReLU model they apply at
     Definition-2 points (Theorem 7).
@@ -215,7 +216,7 @@ def block_prediction(model: DeepUFM) -> Prediction:
 
 
 def ce_predictions(model: DeepUFM, layer: int) -> list[Prediction]:
-    """THEORY §8 (v2 Theorem 9): the CE layer Hessian at the CE DNC point."""
+    """v2 Theorem 9: the CE layer Hessian at the CE DNC point."""
     k = ce_constants(model.config)
     values, mults = k.hessian_spectrum(layer)
     M, Mp = _means(model, layer)

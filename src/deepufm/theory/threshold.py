@@ -1,4 +1,4 @@
-"""Admissible regularisation: the threshold of THEORY §4.2 (MSE) and the CE root condition (§8)."""
+"""Admissible regularisation: the MSE threshold ``b_crit`` and the CE root condition."""
 
 from __future__ import annotations
 
@@ -27,7 +27,7 @@ def max_single_lambda(K: int, n: int, L: int) -> float:
 
 
 def _ce_log_gap(K: int, L: int) -> float:
-    """``max_alpha [p log alpha - log(e^alpha + K - 1)]``, ``p = (L-1)/(L+1)`` (THEORY §8)."""
+    """``max_alpha [p log alpha - log(e^alpha + K - 1)]``, ``p = (L-1)/(L+1)`` (v2 eq. 9)."""
     p = (L - 1) / (L + 1)
 
     def neg(t: float) -> float:  # t = log alpha
@@ -40,8 +40,8 @@ def _ce_log_gap(K: int, L: int) -> float:
 def check_admissible(config: UFMConfig, allow_trivial: bool = False) -> None:
     """Raise ``ConfigError`` when the regularisation leaves no non-trivial DNC solution.
 
-    MSE: ``b >= b_crit(L)`` makes the zero solution the global optimum (THEORY §4.2). CE: the
-    logit-scale equation of THEORY §8 has no root. Unregularised runs are always admissible.
+    MSE: ``b >= b_crit(L)`` makes the zero solution the global optimum (v2 eq. 17). CE: the
+    logit-scale equation (v2 eq. 9) has no root. Unregularised runs are always admissible.
     """
     if config.lam_H == 0 or any(lam == 0 for lam in config.lam_W) or allow_trivial:
         return
