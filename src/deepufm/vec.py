@@ -1,4 +1,4 @@
-"""The vec convention, stated once and used everywhere (THEORY §2).
+"""The vec convention, stated once and used everywhere.
 
 vec is **row-major**: for ``W`` of shape ``(p, q)``, ``vec(W)[i*q + j] = W[i, j]``, which is exactly
 ``W.reshape(-1)``. Under this convention

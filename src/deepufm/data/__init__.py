@@ -1,6 +1,7 @@
 """Offline data sets: embedded MNIST subset, IDX and CIFAR-10 files from a data directory.
 
-See :func:`load_dataset` (THEORY §10). Samples are balanced and class-major (THEORY §1).
+See :func:`load_dataset`. Samples are balanced and class-major, as the deep UFM orders its
+features (Concepts: *Deep unconstrained feature models*).
 """
 
 from deepufm.data.dataset import (

@@ -1,11 +1,11 @@
-"""`ClassificationData` and the pure transforms that build it (THEORY §1, §10).
+"""`ClassificationData` and the pure transforms that build it (v2 App. G.2).
 
-The project orders samples **class-major** (THEORY §1): all ``n`` samples of class 0, then class 1,
-..., so that the features of a real network stacked as columns form the ``H_1`` of a deep UFM
-directly. Real data sets are made balanced by :func:`balanced_indices` (``n`` per class, chosen
-with a seeded generator) before they are sorted.
+The project orders samples **class-major** (Concepts: *Deep unconstrained feature models*): all
+``n`` samples of class 0, then class 1, ..., so that the features of a real network stacked as
+columns form the ``H_1`` of a deep UFM directly. Real data sets are made balanced by
+:func:`balanced_indices` (``n`` per class, chosen with a seeded generator) before they are sorted.
 
-Standardisation (THEORY §10, "subtract the mean, divide by the std") uses **per-channel**
+Standardisation (v2 App. G.2, "subtract the mean, divide by the std") uses **per-channel**
 statistics over every pixel of every training sample: for one-channel images (MNIST,
 Fashion-MNIST) that is one global scalar mean and std; for CIFAR-10 one per colour channel. The
 statistics are computed on the samples actually used (after subsampling) and before any padding,

@@ -1,4 +1,4 @@
-"""`load_dataset`: offline image-classification data for the real-network experiments (THEORY §10).
+"""`load_dataset`: offline image-classification data for the real-network experiments (v2 App. G.2).
 
 Sources (nothing is ever downloaded):
 
@@ -232,7 +232,7 @@ def load_dataset(
     channels: int | None = None,
     dtype: torch.dtype = torch.float64,
 ) -> ClassificationData:
-    """A balanced, class-major, optionally standardised data set (THEORY §10).
+    """A balanced, class-major, optionally standardised data set (v2 App. G.2).
 
     Steps: read the split (module docstring for the sources); keep ``per_class`` samples of each
     class chosen with a generator seeded by ``seed`` (``None``: the largest balanced subset — all
