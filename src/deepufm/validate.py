@@ -32,7 +32,16 @@ def _range_text(kind: str, lo, hi, lo_open: bool, hi_open: bool) -> str:
 
 
 def integer(param: str, value: Any, lo: int | None = None, hi: int | None = None) -> int:
-    """``value`` as an ``int`` in ``[lo, hi]``."""
+    """``value`` as an ``int`` in ``[lo, hi]`` (``None``: that side is open-ended).
+
+    Raises:
+        ConfigError: ``value`` is not an integer (a ``bool``, a ``float`` such as ``3.0`` or a
+            string is refused) or lies outside ``[lo, hi]``; the message names ``param``.
+
+    Example:
+        >>> integer("K", 3, 2)
+        3
+    """
     valid = _range_text("an integer", lo, hi, False, False)
     if isinstance(value, bool | np.bool_) or not isinstance(value, int | np.integer):
         raise ConfigError(param, value, valid)
@@ -51,7 +60,17 @@ def number(
     lo_open: bool = False,
     hi_open: bool = False,
 ) -> float:
-    """``value`` as a finite ``float`` in the interval (closed unless ``lo_open``/``hi_open``)."""
+    """``value`` as a finite ``float`` in the interval from ``lo`` to ``hi`` (closed unless
+    ``lo_open``/``hi_open``; ``None``: that side is unbounded). Integers are accepted.
+
+    Raises:
+        ConfigError: ``value`` is a ``bool``, not a real number, not finite or outside the
+            interval; the message names ``param`` and the interval.
+
+    Example:
+        >>> number("lr", 1, 0, lo_open=True)
+        1.0
+    """
     valid = _range_text("a finite number", lo, hi, lo_open, hi_open)
     if isinstance(value, bool | np.bool_) or not isinstance(value, int | float | np.number):
         raise ConfigError(param, value, valid)
@@ -68,14 +87,27 @@ def number(
 
 
 def boolean(param: str, value: Any) -> bool:
-    """``value`` as a ``bool``: only ``True``/``False`` (``np.bool_`` too), never a string."""
+    """``value`` as a ``bool``: only ``True``/``False`` (``np.bool_`` too), never a string.
+
+    Raises:
+        ConfigError: anything else (``0``, ``1``, ``"no"``, ``None``); the message names ``param``.
+    """
     if not isinstance(value, bool | np.bool_):
         raise ConfigError(param, value, "true or false (a boolean)")
     return bool(value)
 
 
 def epochs_list(param: str, values: Any) -> tuple[int, ...]:
-    """A sorted tuple of distinct epochs in ``[0, MAX_EPOCHS]``."""
+    """A sorted tuple of distinct epochs in ``[0, MAX_EPOCHS]`` (duplicates dropped).
+
+    Raises:
+        ConfigError: ``values`` is not a list or tuple, or one entry is not an integer in that
+            range; the message names ``param`` and shows the whole list.
+
+    Example:
+        >>> epochs_list("probe_epochs", [10, 0, 10])
+        (0, 10)
+    """
     if not isinstance(values, list | tuple):
         raise ConfigError(param, values, f"a list of integer epochs in [0, {MAX_EPOCHS}]")
     try:
