@@ -43,6 +43,11 @@ CONVENTIONS = {
         "knockouts of the Gauss-Newton part G"
     ),
     "mode": "eval mode (BatchNorm running statistics, no dropout); the model is left unchanged",
+    "spectra": (
+        "top-k eigenvalues from the certified engine (deepufm.matrices.spectra): exact where "
+        "the structure or a dense matrix is cheaper, else block Lanczos; certificates in each "
+        "record, failures listed under 'uncertified' (or raised with strict=True)"
+    ),
 }
 
 
@@ -161,6 +166,7 @@ def _choose_layers(
 
 
 def _check_not_tied(model: nn.Module, name: str) -> None:
+    """Refuse a layer whose weight or bias is also registered under another module (tied)."""
     module = model.get_submodule(name)
     own = {id(p) for p in module.parameters()}
     for full, p in model.named_parameters(remove_duplicate=False):

@@ -14,8 +14,17 @@ computation) and ``M_n^T M_n = d^2 l/dz^2`` (``inputs.DataLoss.factor``),
 a ``KroneckerGram`` ``(J^T J) ⊗ (H~ H~^T / N)`` when the loss is MSE and ``J`` is the same for
 every sample (a linear downstream map), else a ``JacobianGram``. ``H = G + E``; ``E = 0`` when the
 linearity probe finds the downstream (piecewise) linear in ``u`` (``capture.downstream``), else
-``H`` comes from the matrix-free ``ModuleHessian`` restricted to (weight, bias) and
-``E = H - G`` is reported with its spectrum.
+``H`` is the matrix-free ``ModuleHessian`` restricted to (weight, bias) and ``E = H - G`` an
+operator (their sum, :func:`~deepufm.matrices.combine`).
+
+**Matrix-free spectra.** The top ``K^2 + K`` of ``H`` and the top and bottom of ``E`` come from
+the certified engine (``deepufm.matrices.spectra.topk``): its one switch ``use_exact`` forms the
+dense matrix (``p`` Hessian-vector products) where that is cheaper, else block Lanczos. Every
+certificate is in the record (``certificates``; failures listed in ``uncertified`` and in the
+report, or raised with ``strict=True``). Without the full spectrum, ``hessian_rank`` counts the
+top-``k`` eigenvalues above the rank rule (``hessian_rank_saturated``: all ``k`` are, so the rank
+is at least ``k``), and ``residual_relative_norm`` ``||E||_F / ||H||_F`` is a Hutchinson estimate
+with the certified extreme eigenpairs counted exactly, its standard error recorded.
 
 **Papyan's decomposition with unbalanced classes.** Rows ``v_{n r} = (M_n J_n)_r ⊗ h~_n`` (unit
 weights for MSE; Papyan 2020's loss-Hessian-weighted rows for CE), class-pair means
@@ -26,7 +35,9 @@ weights for MSE; Papyan 2020's loss-Hessian-weighted rows for CE), class-pair me
     G_within = 1/N sum_n sum_r (v_{nr} - v_{c_n r})(v_{nr} - v_{c_n r})^T
 
 sum exactly to ``G`` for any class sizes and reduce to THEORY M3 for balanced classes
-(``n_c = N/K``). Papyan ranks and knockouts (``G - G_X``) are those of ``G``.
+(``n_c = N/K``): :func:`deepufm.matrices.papyan.labelled_papyan`, the one implementation (the
+deep UFM's ``papyan_decomposition`` is its balanced case). Papyan ranks and knockouts
+(``G - G_X``) are those of ``G``.
 
 **Class means.** ``mu_c`` (input side, ``h``) and ``mu'_c`` (output side, the layer's output
 ``u``) average the samples of class ``c``; NC1 uses the unweighted mean of the class means as the
@@ -95,14 +106,17 @@ class LayerData:
 
     @property
     def K(self) -> int:
+        """Number of classes (logits per sample)."""
         return self.z.shape[1]
 
     @property
     def N(self) -> int:
+        """Number of samples."""
         return self.z.shape[0]
 
     @property
     def has_bias(self) -> bool:
+        """Whether the layer has a bias (then its parameters are ``[W b]``)."""
         return self.module.bias is not None
 
     @property
@@ -163,6 +177,7 @@ class PermutedHessian(SymmetricMatrix):
     matrix_free = True
 
     def __init__(self, inner: ModuleHessian, perm: Tensor) -> None:
+        """``inner`` over ``theta = [vec(W), b]``; ``perm`` ``(p,)`` with ``theta[perm] = w~``."""
         super().__init__(inner.size, inner.dtype, inner.device)
         self.inner, self.perm = inner, perm
 
@@ -202,6 +217,7 @@ def matrix_free_hessian(
 
 # -- the record --------------------------------------------------------------------------------------
 def _top(vals: Tensor, k: int) -> list[float]:
+    """The first ``k`` of descending ``vals`` (all when fewer) as a list."""
     return vals[: min(k, vals.numel())].tolist()
 
 

@@ -104,6 +104,7 @@ def network_hessian(
         per_probe = [(dens.weights * dens.nodes**j).sum(dim=1) for j in (1, 2)]  # (P,) each
 
         def stderr(x: torch.Tensor) -> float:
+            """Standard error of the mean of the per-probe estimates ``x`` ``(P,)``."""
             return float(x.std() / math.sqrt(x.numel())) if x.numel() > 1 else math.nan
 
         out["density"] = {

@@ -193,6 +193,7 @@ def _figures(fig_dir: Path, K: int, layers) -> list[tuple[str, str, Path]]:
     figs = []
 
     def add(fid, caption, fig):
+        """Save ``fig`` as ``fid.png`` and list it with its caption."""
         figs.append((fid, caption, save_png(fig, fig_dir, fid)))
 
     for r in layers:

@@ -16,6 +16,11 @@ Cross-entropy: the same three sums are taken over Papyan's (2020) loss-Hessian-w
 ``1/N sum u u^T`` is again exactly ``G_l`` (``diag(p) - p p^T = M^T M``,
 ``M = diag(sqrt p)(I - 1 p^T)``). :attr:`PapyanDecomposition.form` says which form was used.
 
+Labelled samples in any order and unbalanced classes (any network's layer, ``deepufm.analyze``):
+:func:`labelled_papyan` weights the class terms by the class sizes ``n_c``
+(``G_class = sum_c (K n_c/N) v_c v_c^T``, ``G_cross = sum_c (n_c/N) sum_r (...)``), which still
+sum exactly to ``G``; :func:`papyan_decomposition` is its balanced, class-major case.
+
 Structure: everything is built from ``v_{icc'} = ã_{ic,c'} ⊗ h_ic``. In the linear MSE model
 (``ã`` shared) all four matrices are Kronecker products,
 
