@@ -14,7 +14,14 @@ from torch import nn
 
 from deepufm.analysis.capture import capture, check_batch_independent, downstream, linear_calls
 from deepufm.analysis.inputs import LossFn, as_batches, check_labels, check_mean_loss, data_loss
-from deepufm.analysis.layer import ROUTES, LayerData, layer_record
+from deepufm.analysis.layer import (
+    RESIDUAL_PROBES,
+    ROUTES,
+    LayerData,
+    check_residual_probes,
+    layer_record,
+)
+from deepufm.analysis.network import check_network_request, network_hessian
 from deepufm.errors import ConfigError
 from deepufm.models.resnet import curvature_mode
 
@@ -36,16 +43,24 @@ CONVENTIONS = {
         "knockouts of the Gauss-Newton part G"
     ),
     "mode": "eval mode (BatchNorm running statistics, no dropout); the model is left unchanged",
+    "spectra": (
+        "top-k eigenvalues from the certified engine (deepufm.matrices.spectra): exact where "
+        "the structure or a dense matrix is cheaper, else block Lanczos; certificates in each "
+        "record, failures listed under 'uncertified' (or raised with strict=True)"
+    ),
 }
 
 
 @dataclass(frozen=True)
 class Analysis:
-    """What :func:`analyze` measured: ``config`` (what was analysed and how) and one record per
-    layer, in forward order (keys as ``deepufm analyze --json``, plus ``name`` first)."""
+    """What :func:`analyze` measured: ``config`` (what was analysed and how), one record per
+    layer, in forward order (keys as ``deepufm analyze --json``, plus ``name`` first), and
+    ``network`` (the full-network Hessian's top-k and spectral density) when it was requested,
+    else ``None``."""
 
     config: dict
     layers: tuple[dict, ...]
+    network: dict | None = None
 
     def layer(self, name: str) -> dict:
         """The record of the layer called ``name``."""
@@ -55,10 +70,15 @@ class Analysis:
         raise KeyError(f"no analysed layer {name!r}; analysed: {[r['name'] for r in self.layers]}")
 
     def to_dict(self) -> dict:
-        """``{"config": ..., "layers": [...]}`` with non-finite numbers as ``None`` (strict JSON)."""
-        return _finite({"config": self.config, "layers": list(self.layers)})
+        """``{"config": ..., "layers": [...]}`` (and ``"network"`` when it was requested) with
+        non-finite numbers as ``None`` (strict JSON)."""
+        out = {"config": self.config, "layers": list(self.layers)}
+        if self.network is not None:
+            out["network"] = self.network
+        return _finite(out)
 
     def to_json(self, indent: int | None = 2) -> str:
+        """:meth:`to_dict` as strict JSON text (what ``results.json`` holds)."""
         return json.dumps(self.to_dict(), indent=indent, allow_nan=False)
 
     def write(self, out_dir: str | Path) -> Path:
@@ -69,7 +89,8 @@ class Analysis:
         return write_analysis(self, Path(out_dir))
 
 
-def _finite(obj):
+def _finite(obj: object) -> object:
+    """``obj`` with every non-finite float replaced by ``None``, lists for tuples."""
     if isinstance(obj, float):
         return obj if math.isfinite(obj) else None
     if isinstance(obj, dict):
@@ -80,6 +101,7 @@ def _finite(obj):
 
 
 def _check_finite(model: nn.Module) -> None:
+    """Refuse a model with a NaN or infinite parameter or buffer, naming it."""
     for kind, items in (("parameter", model.named_parameters()), ("buffer", model.named_buffers())):
         for name, t in items:
             if t.is_floating_point() and not bool(torch.isfinite(t).all()):
@@ -144,6 +166,7 @@ def _choose_layers(
 
 
 def _check_not_tied(model: nn.Module, name: str) -> None:
+    """Refuse a layer whose weight or bias is also registered under another module (tied)."""
     module = model.get_submodule(name)
     own = {id(p) for p in module.parameters()}
     for full, p in model.named_parameters(remove_duplicate=False):
@@ -170,6 +193,11 @@ def analyze(
     route: str = "auto",
     chunk_size: int | None = 64,
     seed: int = 0,
+    strict: bool = False,
+    residual_probes: int = RESIDUAL_PROBES,
+    network_topk: int | None = None,
+    network_density: bool | int = False,
+    density_steps: int = 80,
 ) -> Analysis:
     """The paper's per-layer analysis (THEORY §5, §9) of the ``nn.Linear`` layers of ``model``.
 
@@ -194,7 +222,19 @@ def analyze(
         route: ``"auto"`` (structured where the downstream is linear, else matrix-free),
             ``"structured"`` (refused where it would be wrong) or ``"matrix-free"``.
         chunk_size: Hessian-vector products per ``vmap`` call on the matrix-free route.
-        seed: seed of the linearity probe's random directions.
+        seed: seed of the linearity probe's random directions (and of the Hutchinson and SLQ
+            probes).
+        strict: raise :class:`~deepufm.errors.UncertifiedError` when a top-k eigenproblem cannot
+            be certified; by default it is flagged (``uncertified`` in the record, the report).
+        residual_probes: Hutchinson probes (``>= 2``) for ``residual_relative_norm`` where ``H``
+            is matrix-free (exact where it is formed); the standard error is recorded.
+        network_topk: also the ``network_topk`` algebraically largest eigenvalues (certified) of
+            the Hessian of the data loss with respect to *every* parameter of the model
+            (``Analysis.network``); ``None``: not computed.
+        network_density: also the spectral density of that Hessian by stochastic Lanczos
+            quadrature: ``True`` (10 Rademacher probes) or a number of probes ``>= 1``.
+        density_steps: Lanczos steps per probe of the density (``>= 1``, capped at the number
+            of parameters).
 
     Returns:
         an :class:`Analysis`; ``results.json`` / ``report.html`` via ``Analysis.write``.
@@ -203,6 +243,11 @@ def analyze(
         raise ConfigError("model", type(model).__name__, "a torch.nn.Module")
     if route not in ROUTES:
         raise ConfigError("route", route, f"one of {', '.join(ROUTES)}")
+    check_residual_probes(residual_probes)
+    if not isinstance(strict, bool):
+        raise ConfigError("strict", strict, "True or False")
+    total = sum(p.numel() for p in model.parameters())
+    network_probes = check_network_request(network_topk, network_density, density_steps, total)
     lossd = data_loss(loss)
     if not any(isinstance(m, nn.Linear) for m in model.modules()):
         raise ConfigError(
@@ -240,10 +285,18 @@ def analyze(
                 name, pos, modules[name], cap.inputs[name], cap.outputs[name], cap.z, cap.y,
                 counts, down,
             )  # fmt: skip
-            records.append(
-                layer_record(m, layer, lossd, batches, route, full, rank_rtol, chunk_size)
+            options = dict(strict=strict, residual_probes=residual_probes, seed=seed)
+            record = layer_record(
+                m, layer, lossd, batches, route, full, rank_rtol, chunk_size, **options
             )
+            records.append(record)
         per_sample = lossd.value(cap.z, cap.y)
+        network = None
+        if network_topk is not None or network_probes:
+            network = network_hessian(
+                m, lossd, batches, network_topk, network_probes, density_steps, chunk_size,
+                rank_rtol, strict, seed,
+            )  # fmt: skip
     from deepufm import __version__
 
     config = {
@@ -264,6 +317,10 @@ def analyze(
         "layers": names,
         "route": route,
         "rank_rtol": rank_rtol,
+        "strict": strict,
+        "residual_probes": residual_probes,
+        "network_topk": network_topk,
+        "network_density_probes": network_probes,
         "conventions": CONVENTIONS,
     }
-    return Analysis(config, tuple(records))
+    return Analysis(config, tuple(records), network)

@@ -55,6 +55,7 @@ def linear_calls(model: nn.Module, X: Tensor) -> dict[str, int]:
     calls: dict[str, int] = {}
 
     def hook(m: nn.Module, inp, out) -> None:
+        """Count one call of ``m``."""
         calls[names[m]] = calls.get(names[m], 0) + 1
 
     handles = [m.register_forward_hook(hook) for m in names]
@@ -102,7 +103,10 @@ def capture(model: nn.Module, batches: Batches, modules: dict[str, nn.Linear]) -
     outs: dict[str, list[Tensor]] = {k: [] for k in modules}
 
     def hook_for(name: str):
+        """A forward hook recording the input and output of the layer ``name``."""
+
         def hook(m: nn.Module, inp, out) -> None:
+            """Keep ``h`` and ``u`` of this batch (refusing inputs with extra axes)."""
             h = inp[0]
             if h.dim() != 2:
                 raise ConfigError(

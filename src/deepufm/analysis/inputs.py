@@ -74,6 +74,7 @@ def as_batches(data: object, batch_size: int | None = None) -> Batches:
 
 
 def _batch(b: object, i: int) -> tuple[Tensor, Tensor]:
+    """Batch ``i`` of a loader as ``(X, y)``, refused unless it is a pair of tensors."""
     if not (isinstance(b, (tuple, list)) and len(b) == 2):
         raise ConfigError(f"data batch {i}", type(b).__name__, "a pair (X, y) of tensors")
     X, y = b
@@ -82,6 +83,7 @@ def _batch(b: object, i: int) -> tuple[Tensor, Tensor]:
 
 
 def _check_pair(X: object, y: object, where: str) -> None:
+    """``X`` a tensor and ``y`` a non-empty ``(N,)`` integer label vector for it."""
     if not isinstance(X, Tensor) or not isinstance(y, Tensor):
         raise ConfigError(where, (type(X).__name__, type(y).__name__), "a pair (X, y) of tensors")
     if y.dim() != 1 or y.shape[0] != X.shape[0] or y.shape[0] == 0:
@@ -128,6 +130,7 @@ class DataLoss:
 
     @property
     def description(self) -> str:
+        """The loss in words and formula (``config["loss_definition"]``)."""
         return {
             "mse": "1/(2N) sum_i ||z_i - e_{y_i}||^2 (the paper's data loss; = K/2 * nn.MSELoss())",
             "ce": "1/N sum_i -log softmax(z_i)_{y_i} (nn.CrossEntropyLoss())",
@@ -191,10 +194,12 @@ class DataLoss:
 
 
 def _mse_mean(z: Tensor, y: Tensor) -> Tensor:
+    """The paper's MSE data loss of a batch: ``1/(2B) sum ||z - e_y||^2``."""
     return 0.5 * ((z - F.one_hot(y.to(torch.long), z.shape[1]).to(z.dtype)) ** 2).sum(1).mean()
 
 
 def _ce_mean(z: Tensor, y: Tensor) -> Tensor:
+    """Mean cross-entropy of a batch."""
     return F.cross_entropy(z, y.to(torch.long))
 
 

@@ -3,7 +3,10 @@
 Figures (PNG under ``figures/``): one per layer with the layer-Hessian top eigenvalues, the outlier
 count and the Papyan knockouts (v2 Figs 9-10, 12), the weight spectrum ``W^T W`` (v2 Fig. 13) and
 the ``f_cc'`` and ``gamma_cc'`` matrices (v1 Figs 4, 7 at one point); and over the layers the
-effective ranks of ``H_l`` and ``W_l`` against ``K^2`` and ``K`` (v2 Fig. 17).
+effective ranks of ``H_l`` and ``W_l`` against ``K^2`` and ``K`` (v2 Fig. 17); when requested,
+the full-network Hessian's spectral density (SLQ) with its certified top eigenvalues as a rug
+(v2 §5, Theorem 6's full-network spectrum). Top-k eigenproblems that could not be certified are
+listed in the report's notes.
 """
 
 from __future__ import annotations
@@ -61,6 +64,9 @@ def write_analysis(analysis, out: Path) -> Path:
     (out / "results.json").write_text(analysis.to_json() + "\n")
     cfg, layers = analysis.config, analysis.layers
     figures = _figures(out / "figures", cfg["K"], layers)
+    network = analysis.network
+    if network is not None:
+        figures.append(_network_figure(out / "figures", network))
     rows = [
         [
             r["name"],
@@ -106,10 +112,70 @@ def write_analysis(analysis, out: Path) -> Path:
         figures=figures,
         tables=[("Per layer", table)],
         notes=[f"{k}: {v}" for k, v in cfg["conventions"].items()]
-        + [f"{r['name']}: {r['hessian_route']}" for r in layers],
+        + [f"{r['name']}: {r['hessian_route']}" for r in layers]
+        + _uncertified_notes(layers, network),
     )
     _, html = write_report(out, report)
     return html
+
+
+def _uncertified_notes(layers, network: dict | None) -> list[str]:
+    """One warning per top-k eigenproblem whose certificate failed (never used silently)."""
+    notes = []
+    for r in layers:
+        for key in r.get("uncertified", []):
+            c = r["certificates"][key]
+            notes.append(
+                f"WARNING {r['name']}: the top {c['k']} of {key} by {c['method']} are NOT "
+                f"certified ({c['reason']}); treat those numbers as estimates."
+            )
+    top = (network or {}).get("topk")
+    if top is not None and not top["certificate"]["certified"]:
+        c = top["certificate"]
+        notes.append(
+            f"WARNING network Hessian: the top {c['k']} by {c['method']} are NOT certified "
+            f"({c['reason']})."
+        )
+    return notes
+
+
+def _network_figure(fig_dir: Path, network: dict) -> tuple[str, str, Path]:
+    """The full-network Hessian: SLQ density (log scale) with the top-k as a rug, or the top-k
+    by index when no density was requested."""
+    fig, axes = P.new_figure(ncols=1)
+    ax = axes[0, 0]
+    top = network.get("topk")
+    dens = network.get("density")
+    if dens is not None:
+        grid, phi = np.asarray(dens["grid"]), np.asarray(dens["density"], dtype=np.float64)
+        floor = 1e-12 * float(phi.max()) if phi.size and phi.max() > 0 else 1e-300
+        ax.semilogy(grid, np.clip(phi, floor, None), color="C0", lw=1.0, label="SLQ density")
+        if top is not None:
+            vals = np.asarray(top["eigenvalues"], dtype=np.float64)
+            state = "certified" if top["certificate"]["certified"] else "NOT certified"
+            label = f"top {len(vals)} ({state})"
+            ax.plot(vals, np.full_like(vals, floor * 10), "|", color="C3", ms=12, label=label)
+        ax.set_xlabel("eigenvalue")
+        ax.set_ylabel("density")
+        caption = (
+            f"Full-network Hessian ({network['parameters']} parameters): eigenvalue density by "
+            f"stochastic Lanczos quadrature ({dens['probes']} probes, {dens['lanczos_steps']} "
+            f"steps, sigma = {dens['sigma']:.3g})"
+            + ("; the top eigenvalues as a rug." if top is not None else ".")
+        )
+    else:
+        vals = np.asarray(top["eigenvalues"], dtype=np.float64)
+        ax.plot(np.arange(1, len(vals) + 1), vals, "o", ms=3.5, mfc="none")
+        ax.set_xlabel("index")
+        ax.set_ylabel("eigenvalue")
+        caption = (
+            f"Full-network Hessian ({network['parameters']} parameters): its top {len(vals)} "
+            "eigenvalues."
+        )
+    ax.set_title("full-network Hessian")
+    if dens is not None:
+        ax.legend()
+    return ("network-hessian", caption, save_png(fig, fig_dir, "network-hessian"))
 
 
 def save_png(fig, fig_dir: Path, name: str) -> Path:
@@ -123,9 +189,11 @@ def save_png(fig, fig_dir: Path, name: str) -> Path:
 
 
 def _figures(fig_dir: Path, K: int, layers) -> list[tuple[str, str, Path]]:
+    """The per-layer figures and the effective ranks over the layers (module docstring)."""
     figs = []
 
     def add(fid, caption, fig):
+        """Save ``fig`` as ``fid.png`` and list it with its caption."""
         figs.append((fid, caption, save_png(fig, fig_dir, fid)))
 
     for r in layers:

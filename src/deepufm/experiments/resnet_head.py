@@ -28,8 +28,7 @@ from deepufm.experiments.report import Report, write_report, write_table
 from deepufm.experiments.results import Result, compare, experiment_config, write_results
 from deepufm.experiments.runs import finish_spectra, track_spectra
 from deepufm.matrices import block_hessian, layer_hessian, module_hessian, weight_gram
-from deepufm.matrices.lanczos import lanczos_topk, rademacher
-from deepufm.matrices.operator import SymmetricMatrix
+from deepufm.matrices.lanczos import frobenius_estimate, lanczos_topk
 from deepufm.metrics import class_means, effective_rank, outlier_count
 from deepufm.metrics.spectral import singular_vector_alignment
 from deepufm.models.config import resolve_device
@@ -146,17 +145,6 @@ def full_hessian_comparison(
         H.size,
         B.shape[0],
     )
-
-
-def frobenius_estimate(op: SymmetricMatrix, probes: int, seed: int = 0) -> tuple[float, float]:
-    """``||M||_F`` from Hutchinson's ``||M||_F^2 = E ||M v||^2`` (Rademacher ``v``), with the
-    standard error of the estimate (delta method); ``probes`` products in one ``matmat``."""
-    if isinstance(probes, bool) or not isinstance(probes, int) or probes < 2:
-        raise ConfigError("probes", probes, "an integer >= 2")
-    V = rademacher(op.size, probes, seed, op.dtype, op.device)
-    sq = (op.matmat(V) ** 2).sum(dim=0)
-    fro = math.sqrt(float(sq.mean()))
-    return fro, float(sq.std() / math.sqrt(probes)) / (2 * fro)
 
 
 # -- the experiment --------------------------------------------------------------------------------

@@ -40,13 +40,19 @@ from deepufm.matrices.hessian import (
     loss_weighted_factors,
 )
 from deepufm.matrices.jacobian import LayerJacobian, layer_jacobian, relu_derivative
-from deepufm.matrices.lanczos import SpectralDensity, lanczos_quadrature, spectral_density
+from deepufm.matrices.lanczos import (
+    SpectralDensity,
+    frobenius_estimate,
+    lanczos_quadrature,
+    spectral_density,
+)
 from deepufm.matrices.module_hessian import ModuleHessian, module_hessian
 from deepufm.matrices.operator import DenseSymmetric, LinearCombination, SymmetricMatrix, combine
 from deepufm.matrices.papyan import (
     PapyanDecomposition,
     jacobian_rows,
     knockout_spectra,
+    labelled_papyan,
     papyan_decomposition,
 )
 from deepufm.matrices.spectra import (
@@ -85,11 +91,13 @@ __all__ = [
     "combine",
     "data_gradient",
     "feature_gram",
+    "frobenius_estimate",
     "gauss_newton",
     "gradient_covariance",
     "hessian_residual",
     "jacobian_rows",
     "knockout_spectra",
+    "labelled_papyan",
     "lanczos_quadrature",
     "lanczos_topk",
     "layer_hessian",

@@ -2,6 +2,8 @@
 
 * :func:`lanczos_topk` — certified block Lanczos top-k; it lives in the spectral engine
   (``deepufm.matrices.spectra``) and is re-exported here.
+* :func:`frobenius_estimate` — Hutchinson's ``||M||_F`` with its standard error (one block of
+  products), for operators too large to form.
 * :func:`spectral_density` — stochastic Lanczos quadrature (Ubaru, Chen & Saad 2017; Ghorbani,
   Krishnan & Xiao 2019; Papyan 2019): for Rademacher probes ``v`` (``||v||^2 = p``), ``m`` Lanczos
   steps give a Gauss quadrature ``v^T f(M) v / p ≈ sum_j tau_j f(theta_j)`` (exact for polynomials
@@ -25,6 +27,7 @@ from deepufm.matrices.spectra import lanczos_topk
 
 __all__ = [
     "SpectralDensity",
+    "frobenius_estimate",
     "gaussian_density",
     "lanczos_quadrature",
     "lanczos_topk",
@@ -82,6 +85,38 @@ def rademacher(p: int, num: int, seed: int, dtype: torch.dtype, device) -> Tenso
     gen = torch.Generator().manual_seed(seed)
     signs = torch.randint(0, 2, (p, num), generator=gen).to(dtype) * 2 - 1
     return signs.to(device)
+
+
+def frobenius_estimate(
+    op: SymmetricMatrix,
+    probes: int,
+    seed: int = 0,
+    deflate: tuple[Tensor, Tensor] | None = None,
+) -> tuple[float, float]:
+    """``||M||_F`` from Hutchinson's ``||M||_F^2 = E ||M v||^2`` (Rademacher ``v``), with the
+    standard error of the estimate (delta method); ``probes`` products in one ``matmat``.
+
+    ``deflate``: eigenpairs ``(values (k,), orthonormal vectors Q (p, k))`` of ``M`` (e.g. a
+    certified :class:`~deepufm.matrices.spectra.TopK`). Then ``||M||_F^2 = sum values^2 +
+    tr(M^2 (I - Q Q^T))`` and only the second term is estimated, with probes projected off
+    ``Q``: the outliers, which dominate both the norm and the variance of the plain estimate,
+    are counted exactly.
+    """
+    if isinstance(probes, bool) or not isinstance(probes, int) or probes < 2:
+        raise ConfigError("probes", probes, "an integer >= 2")
+    V = rademacher(op.size, probes, seed, op.dtype, op.device)
+    exact = 0.0
+    if deflate is not None:
+        values, Q = deflate
+        exact = float((values.to(op.dtype) ** 2).sum())
+        Q = Q.to(dtype=op.dtype, device=op.device)
+        for _ in range(2):  # twice: the projection must not leave Q's round-off behind
+            V = V - Q @ (Q.T @ V)
+    sq = (op.matmat(V) ** 2).sum(dim=0)
+    fro = math.sqrt(exact + float(sq.mean()))
+    if fro == 0:
+        return 0.0, 0.0
+    return fro, float(sq.std() / math.sqrt(probes)) / (2 * fro)
 
 
 @dataclass(frozen=True)

@@ -17,6 +17,11 @@ Cross-entropy: the same three sums are taken over Papyan's (2020) loss-Hessian-w
 ``1/N sum u u^T`` is again exactly ``G_l`` (``diag(p) - p p^T = M^T M``,
 ``M = diag(sqrt p)(I - 1 p^T)``). :attr:`PapyanDecomposition.form` says which form was used.
 
+Labelled samples in any order and unbalanced classes (any network's layer, ``deepufm.analyze``):
+:func:`labelled_papyan` weights the class terms by the class sizes ``n_c``
+(``G_class = sum_c (K n_c/N) v_c v_c^T``, ``G_cross = sum_c (n_c/N) sum_r (...)``), which still
+sum exactly to ``G``; :func:`papyan_decomposition` is its balanced, class-major case.
+
 Structure: everything is built from ``v_{icc'} = ã_{ic,c'} ⊗ h_ic``. In the linear MSE model
 (``ã`` shared) all four matrices are Kronecker products,
 
@@ -41,6 +46,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from deepufm.errors import ConfigError
 from deepufm.matrices.hessian import check_layer, loss_weighted_factors
 from deepufm.matrices.jacobian import layer_jacobian
 from deepufm.matrices.operator import SymmetricMatrix
@@ -55,7 +61,8 @@ class PapyanDecomposition:
     """``gauss_newton = class_ + cross + within`` for one layer (each ``(p, p)``).
 
     Attributes:
-        gauss_newton: ``G_l`` (equal to the layer Hessian ``H_l``).
+        gauss_newton: ``G_l`` (the layer Hessian ``H_l`` of a deep UFM; the Gauss–Newton part of
+            a curved network's layer Hessian).
         class_, cross, within: the three terms of the decomposition (module docstring).
         form: ``"mse (unit weights, THEORY M3)"`` or
             ``"ce-loss-hessian-weighted (Papyan 2020)"`` (module docstring).
@@ -108,45 +115,93 @@ def papyan_decomposition(model: DeepUFM, layer: int, relu_tol: float = 0.0) -> P
     """``G_class``, ``G_cross``, ``G_within`` of the layer Gauss–Newton matrix (the MSE form; for CE
     the loss-Hessian-weighted rows of Papyan 2020 — see the module docstring and ``form``).
 
+    The balanced, class-major case of :func:`labelled_papyan` (``n_c = n`` for every class).
     ``relu_tol``: pre-activations ``u >= -relu_tol * max|u|`` count as non-negative.
     """
     check_layer(model, layer)
     cfg = model.config
-    K, n, N = cfg.K, cfg.n, cfg.N
     jac = layer_jacobian(model, layer, relu_tol)
-    H = jac.H  # (d_in, N)
-    means = H.reshape(H.shape[0], K, n).mean(dim=2)  # (d_in, K): mu_c
-    form = FORMS[cfg.loss]
+    labels = torch.arange(cfg.K, device=jac.H.device).repeat_interleave(cfg.n)
     if jac.shared and cfg.loss == "mse":
-        A = jac.A  # (K, d_out): rows a_c'
+        A = jac.A  # (K, d_out): the same rows a_c' for every sample
+    else:
+        A = loss_weighted_factors(jac, cfg.loss)
+        A = A.unsqueeze(0).expand(cfg.N, *A.shape) if A.dim() == 2 else A
+    return labelled_papyan(A, jac.H, labels, cfg.K, FORMS[cfg.loss])
+
+
+def labelled_papyan(A: Tensor, H: Tensor, y: Tensor, K: int, form: str) -> PapyanDecomposition:
+    """Papyan's three terms of ``G = 1/N sum_n (Ã_n^T Ã_n) ⊗ (h_n h_n^T)`` for labelled samples
+    in any order and classes of any size ``n_c`` (``N = sum_c n_c``).
+
+    Rows ``v_{nr} = ã_{n,r} ⊗ h_n``, class-pair means ``v_{cr} = mean_{n in c} v_{nr}``, class
+    means ``v_c = mean_r v_{cr}`` (``R`` rows ``r``):
+
+        G_class  = sum_c (K n_c / N) v_c v_c^T
+        G_cross  = sum_c (n_c / N) sum_r (v_{cr} - v_c)(v_{cr} - v_c)^T
+        G_within = 1/N sum_n sum_r (v_{nr} - v_{c_n r})(v_{nr} - v_{c_n r})^T
+
+    sum exactly to ``G`` (the cross terms of each centring vanish within a class), and for
+    ``n_c = N/K`` are THEORY M3 (``K n_c / N = 1``, ``n_c / N = 1/K``).
+
+    Args:
+        A: ``(R, d_out)`` rows shared by every sample (linear MSE: all four matrices are then
+            Kronecker products, class means weighted by ``sqrt(K n_c/N)`` and ``sqrt(n_c/N)``),
+            or ``(N, R, d_out)`` per sample (loss-weighted, ``M_n J_n``).
+        H: the layer's inputs ``(d_in, N)`` (``h~ = [h; 1]`` for a biased layer), column ``n``
+            of sample ``n``.
+        y: ``(N,)`` integer labels in ``[0, K)``, every class present.
+        K: number of classes.
+        form: what the rows are (recorded as ``PapyanDecomposition.form``).
+
+    Returns:
+        a :class:`PapyanDecomposition`. Balanced class-major labels keep ``G_within`` (and the
+        knockouts) in the row-space form of :class:`JacobianGram` with a sample-side projector;
+        otherwise ``G_within = G - sum_c (n_c/N) sum_r v_{cr} v_{cr}^T``.
+    """
+    N = H.shape[1]
+    if y.shape != (N,):
+        raise ConfigError("y", tuple(y.shape), f"(N,) = ({N},) labels, one per column of H")
+    onehot = torch.nn.functional.one_hot(y.to(torch.long), K).to(H.dtype)  # (N, K)
+    n_c = onehot.sum(dim=0)
+    if bool((n_c == 0).any()):
+        raise ConfigError("y", f"class sizes {n_c.tolist()}", "at least one sample of every class")
+    means = H @ (onehot / n_c)  # (d_in, K): mu_c
+    balanced = bool((n_c == n_c[0]).all())
+    if A.dim() == 2:
         a_bar = A.mean(dim=0, keepdim=True)
-        centred = H - means.repeat_interleave(n, dim=1)
+        if balanced:  # K n_c / N = 1 and n_c / N = 1 / K: THEORY M3 as written
+            class_ = KroneckerGram(a_bar, means)
+            cross = KroneckerGram((A - a_bar) / math.sqrt(K), means)
+        else:
+            class_ = KroneckerGram(a_bar, means * (K * n_c / N).sqrt())
+            cross = KroneckerGram(A - a_bar, means * (n_c / N).sqrt())
         return PapyanDecomposition(
             gauss_newton=KroneckerGram(A, H / math.sqrt(N)),
-            class_=KroneckerGram(a_bar, means),
-            cross=KroneckerGram((A - a_bar) / math.sqrt(K), means),
-            within=KroneckerGram(A, centred / math.sqrt(N)),
+            class_=class_,
+            cross=cross,
+            within=KroneckerGram(A, (H - means[:, y.to(torch.long)]) / math.sqrt(N)),
             form=form,
         )
-    A_w = loss_weighted_factors(jac, cfg.loss)
-    A_w = A_w.unsqueeze(0).expand(N, *A_w.shape) if A_w.dim() == 2 else A_w
-    R, d_out = A_w.shape[1], A_w.shape[2]
-    # v_{cc'} = (1/n) sum_i ã_{ic,c'} ⊗ h_ic without forming any v_{icc'}: (K, R, p)
-    v_pair = (
-        torch.einsum("cird,eci->crde", A_w.reshape(K, n, R, d_out), H.reshape(-1, K, n)).reshape(
-            K, R, -1
-        )
-        / n
-    )
+    R = A.shape[1]
+    # v_{cr} = mean over class c of ã_{n,r} ⊗ h_n without forming any per-sample row: (K, R, p)
+    v_pair = torch.einsum("nrd,en,nc->crde", A, H, onehot / n_c).reshape(K, R, -1)
     v_class = v_pair.mean(dim=1)  # (K, p)
     cross_rows = (v_pair - v_class.unsqueeze(1)).reshape(K * R, -1)
-    return PapyanDecomposition(
-        gauss_newton=JacobianGram(A_w, H),
-        class_=RowGram(v_class),
-        cross=RowGram(cross_rows, cross_rows.new_full((K * R,), 1.0 / K)),
-        within=JacobianGram(A_w, H, class_size=n),
-        form=form,
+    pair_weights = (n_c / N).repeat_interleave(R)
+    G = JacobianGram(A, H)
+    n = int(n_c[0])
+    class_major = balanced and torch.equal(
+        y.to(torch.long), torch.arange(K, device=y.device).repeat_interleave(n)
     )
+    if class_major:
+        class_, cross = RowGram(v_class), RowGram(cross_rows, cross_rows.new_full((K * R,), 1 / K))
+        within: SymmetricMatrix = JacobianGram(A, H, class_size=n)
+    else:
+        class_ = RowGram(v_class, K * n_c / N)
+        cross = RowGram(cross_rows, pair_weights)
+        within = G - RowGram(v_pair.reshape(K * R, -1), pair_weights)
+    return PapyanDecomposition(G, class_, cross, within, form)
 
 
 def knockout_spectra(
