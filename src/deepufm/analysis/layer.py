@@ -65,6 +65,7 @@ from deepufm.metrics import (
     outlier_count,
     outlier_stats,
     projection_proportion,
+    singular_vector_alignment,
 )
 
 ROUTES = ("auto", "structured", "matrix-free")
@@ -299,6 +300,7 @@ def layer_record(
     M_in_t = torch.cat([M_in, M_in.new_ones(1, K)]) if layer.has_bias else M_in
     W = layer.module.weight.detach()
     sv = torch.linalg.svdvals(W)
+    sv_left, sv_right = singular_vector_alignment(W, M_out, M_in)
     grad_cov = JacobianGram(delta.unsqueeze(1), layer.h_tilde.T.contiguous()) - RowGram(
         g.unsqueeze(0)
     )
@@ -332,6 +334,7 @@ def layer_record(
         "projection_proportion": projection_proportion(g, vecs[:, :k2]),
         "data_gradient_norm": float(torch.linalg.norm(g)),
         "weight_singular_values": sv.tolist(),
+        "singular_vector_alignment": {"left": sv_left.tolist(), "right": sv_right.tolist()},
         "weight_bias_singular_values": torch.linalg.svdvals(layer.weight_tilde).tolist(),
         "grad_cov_eigenvalues": _top(grad_cov.eigvalsh(), K),
         "backprop_eigenvalues": _backprop(layer) if loss.name == "mse" else None,

@@ -3,8 +3,9 @@
 ``manifest.json`` = ``{"deepufm_version", "kind", "name", "status", "files", "previous"}``:
 
 * ``kind``/``name``: who owns the directory: ``"train"`` (``deepufm train``), ``"network"``
-  (:func:`deepufm.training.network.train`) or ``"experiment"`` with ``name`` the experiment and
-  preset (``"linear-ufm/quick"``);
+  (:func:`deepufm.training.network.train`), ``"experiment"`` with ``name`` the experiment and
+  preset (``"linear-ufm/quick"``) or ``"probe"`` (:class:`deepufm.TrainingProbe` in a user's
+  own training loop);
 * ``status``: ``"running"`` until the run completes, then ``"complete"``;
 * ``files``: every path (relative, ``/``-separated) this run wrote, recorded *before* writing it;
 * ``previous``: what the run it replaces wrote and this one has not rewritten yet; deleted when
@@ -26,7 +27,7 @@ from deepufm.errors import ConfigError
 from deepufm.training import lock
 
 MANIFEST = "manifest.json"
-KINDS = ("train", "network", "experiment")
+KINDS = ("train", "network", "experiment", "probe")
 _OURS = {MANIFEST, lock.LOCK}
 
 
@@ -190,6 +191,8 @@ def resume_hint(run_dir: Path) -> str:
     if manifest is not None and manifest.kind == "experiment":
         exp, _, preset = manifest.name.partition("/")
         return f"deepufm run {exp} --preset {preset or 'quick'} --out {run_dir} --resume"
+    if manifest is not None and manifest.kind == "probe":
+        return f"deepufm.TrainingProbe(data, loss, out_dir={str(run_dir)!r}) (it continues the log)"
     if manifest is not None and manifest.kind == "network":
         return f"deepufm.training.network.train(config, data, {str(run_dir)!r}, resume=True)"
     return f"deepufm train --resume {run_dir}"
