@@ -194,5 +194,15 @@ def resume_hint(run_dir: Path) -> str:
     if manifest is not None and manifest.kind == "probe":
         return f"deepufm.TrainingProbe(data, loss, out_dir={str(run_dir)!r}) (it continues the log)"
     if manifest is not None and manifest.kind == "network":
-        return f"deepufm.training.network.train(config, data, {str(run_dir)!r}, resume=True)"
+        where = repr(str(run_dir))
+        try:
+            payload = json.loads((Path(run_dir) / "config.json").read_text())
+            own = payload["data"]["name"] != payload["training"].get("dataset", "mnist-embedded")
+        except (OSError, ValueError, KeyError, TypeError, AttributeError):
+            own = True
+        args = f"{where}, data" if own else where
+        return (
+            f"deepufm.training.network.resume_run({args}) (or "
+            f"deepufm.training.network.train(config, data, {where}, resume=True))"
+        )
     return f"deepufm train --resume {run_dir}"
