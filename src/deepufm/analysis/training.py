@@ -99,7 +99,7 @@ class TrainingProbe:
 
     def __init__(
         self,
-        data,
+        data: tuple | Iterable,
         loss: str | LossFn = "mse",
         layers: Sequence[str] | None = None,
         out_dir: str | Path | None = None,
@@ -217,7 +217,7 @@ def _epoch(name: str, value: Any) -> int:
     return int(value)
 
 
-def _measure(model: nn.Module, data, loss, layers, options) -> Any:
+def _measure(model: nn.Module, data: list, loss, layers, options: dict) -> Any:
     """``analyze`` leaving everything about the model and the process as it was."""
     if not isinstance(model, nn.Module):
         raise ConfigError("model", type(model).__name__, "a torch.nn.Module")
