@@ -59,6 +59,7 @@ class Analysis:
         return _finite({"config": self.config, "layers": list(self.layers)})
 
     def to_json(self, indent: int | None = 2) -> str:
+        """:meth:`to_dict` as strict JSON text."""
         return json.dumps(self.to_dict(), indent=indent, allow_nan=False)
 
     def write(self, out_dir: str | Path) -> Path:

@@ -91,14 +91,17 @@ class LayerData:
 
     @property
     def K(self) -> int:
+        """Number of classes (logits per sample)."""
         return self.z.shape[1]
 
     @property
     def N(self) -> int:
+        """Number of samples."""
         return self.z.shape[0]
 
     @property
     def has_bias(self) -> bool:
+        """Whether the layer has a bias (then in homogeneous coordinates)."""
         return self.module.bias is not None
 
     @property
@@ -142,9 +145,11 @@ class Papyan:
     form: str
 
     def components(self) -> dict[str, SymmetricMatrix]:
+        """``{"class", "cross", "within"}``: the three terms, each ``(p, p)``."""
         return {"class": self.class_, "cross": self.cross, "within": self.within}
 
     def knockouts(self) -> dict[str, SymmetricMatrix]:
+        """``G - G_X`` for each term ``X`` of :meth:`components`."""
         # G - G_within is G_class + G_cross (K + K R rows): the same matrix without cancelling the
         # large within-class part against itself
         G = self.gauss_newton
@@ -187,6 +192,7 @@ class PermutedHessian(SymmetricMatrix):
         self.inner, self.perm = inner, perm
 
     def matmat(self, V: Tensor) -> Tensor:
+        """``M~ V`` for ``V`` ``(p, m)`` in the homogeneous ordering."""
         full = torch.zeros_like(V)
         full[self.perm] = V
         return self.inner.matmat(full)[self.perm]

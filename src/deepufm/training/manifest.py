@@ -33,6 +33,8 @@ _OURS = {MANIFEST, lock.LOCK}
 
 @dataclass(frozen=True)
 class Manifest:
+    """The contents of ``manifest.json`` (module docstring)."""
+
     kind: str
     name: str = ""
     status: str = "running"
@@ -47,6 +49,7 @@ class Manifest:
 
     @property
     def complete(self) -> bool:
+        """Whether the run finished (``status == "complete"``)."""
         return self.status == "complete"
 
 
@@ -68,6 +71,7 @@ def read_manifest(run_dir: Path | str) -> Manifest | None:
 
 
 def write_manifest(run_dir: Path | str, manifest: Manifest) -> None:
+    """Write ``manifest.json`` atomically (never itself recorded in ``files``)."""
     from deepufm.training.rundir import atomic_write
 
     data = asdict(manifest) | {"files": list(manifest.files), "previous": list(manifest.previous)}

@@ -195,6 +195,7 @@ class NetworkTrainConfig:
 
     @property
     def torch_dtype(self) -> torch.dtype:
+        """``dtype`` as a ``torch.dtype``."""
         return DTYPES[self.dtype]
 
     def lr_at(self, epoch: int) -> float:
@@ -206,6 +207,7 @@ class NetworkTrainConfig:
         return NetworkTrainConfig(**(asdict(self) | changes))
 
     def to_dict(self) -> dict[str, Any]:
+        """The fields as JSON-ready values (tuples as lists), as ``config.json`` stores them."""
         out = asdict(self)
         out["lr_halve_at"] = list(self.lr_halve_at)
         out["probe_at"] = list(self.probe_at)
@@ -357,11 +359,13 @@ class HeavyBallSGD:
         self.buffers = [torch.zeros_like(p) for p in self.params] if momentum else None
 
     def zero_grad(self) -> None:
+        """Drop every parameter's ``.grad`` (``None``, not zeros: no memory is kept)."""
         for p in self.params:
             p.grad = None
 
     @torch.no_grad()
     def step(self) -> None:
+        """One update of the parameters that have a gradient (module docstring's rule)."""
         live = [i for i, p in enumerate(self.params) if p.grad is not None]
         params = [self.params[i] for i in live]
         grads = [self.params[i].grad for i in live]
@@ -374,10 +378,12 @@ class HeavyBallSGD:
         torch._foreach_add_(params, bufs, alpha=-self.lr)
 
     def state_dict(self) -> dict[str, Any]:
+        """``{"lr", "momentum", "buffers"}`` with the momentum buffers copied to the CPU."""
         bufs = None if self.buffers is None else [b.detach().cpu().clone() for b in self.buffers]
         return {"lr": self.lr, "momentum": self.momentum, "buffers": bufs}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore what :meth:`state_dict` returned (buffers moved to the parameters' device)."""
         self.lr, self.momentum = float(state["lr"]), float(state["momentum"])
         bufs = state["buffers"]
         self.buffers = None if bufs is None else [b.to(p) for b, p in zip(bufs, self.params)]
@@ -443,6 +449,7 @@ class FeatureLogits(nn.Module):
         self.model = model
 
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """``(features (B, feature_dim), logits (B, K))`` of images ``x`` ``(B, C, H, W)``."""
         H = self.model.features(x)
         return H, self.model.head_forward(H)
 
@@ -622,7 +629,10 @@ def data_summary(data: ClassificationData) -> dict[str, Any]:
     }
 
 
-def write_network_config(run_dir: Path, config: NetworkTrainConfig, data: ClassificationData):
+def write_network_config(
+    run_dir: Path, config: NetworkTrainConfig, data: ClassificationData
+) -> None:
+    """Write ``config.json`` (kind ``"network"``, the config, the data summary) atomically."""
     payload = {
         "deepufm_version": __version__,
         "kind": KIND,
