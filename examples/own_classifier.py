@@ -7,6 +7,10 @@ per-layer analysis on every ``nn.Linear`` of the head with ``deepufm.analyze`` a
     pip install ".[mnist]"
     python examples/own_classifier.py --out runs/own-classifier
 
+During training a ``deepufm.TrainingProbe`` follows the middle head layer every ``--probe-every``
+epochs into ``<out>-training/metrics.jsonl`` and draws the paper's over-training figures
+(v2 Figs 6, 16-18) into ``<out>-training/figures``.
+
 The model is an ordinary ``nn.Module`` with BatchNorm (measured in eval mode), ReLU and biases;
 nothing about it is specific to deepufm. ``--epochs 1 --per-class 4`` runs in seconds.
 """
@@ -15,7 +19,8 @@ from __future__ import annotations
 
 import argparse
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -71,12 +76,18 @@ def train(
     lr: float,
     weight_decay: float,
     seed: int = 0,
+    probe: Callable[..., object] | None = None,
 ) -> None:
+    """Minibatch AdamW on the paper's MSE; ``probe(model, epoch, train_loss=...)`` (if given)
+    before every epoch and after the last."""
     gen = torch.Generator().manual_seed(seed)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, max(epochs, 1))
     model.train()
+    last = None
     for epoch in range(epochs):
+        if probe is not None:
+            probe(model, epoch, train_loss=last)  # measures in eval mode, restores train mode
         order = torch.randperm(len(y), generator=gen)
         total = 0.0
         for idx in order.split(batch_size):
@@ -86,7 +97,10 @@ def train(
             opt.step()
             total += loss.item() * len(idx)
         sched.step()
-        print(f"epoch {epoch + 1}/{epochs}: training loss {total / len(y):.5f}", flush=True)
+        last = total / len(y)
+        print(f"epoch {epoch + 1}/{epochs}: training loss {last:.5f}", flush=True)
+    if probe is not None:
+        probe(model, epochs, train_loss=last)
 
 
 def main(argv: Sequence[str] | None = None) -> deepufm.Analysis:
@@ -97,14 +111,30 @@ def main(argv: Sequence[str] | None = None) -> deepufm.Analysis:
     p.add_argument("--batch-size", type=int, default=100)
     p.add_argument("--lr", type=float, default=3e-3)
     p.add_argument("--weight-decay", type=float, default=5e-4)
+    p.add_argument("--probe-every", type=int, default=5, help="epochs between probes (0: none)")
+    p.add_argument("--probe-out", default=None, help="the probe's run folder [<out>-training]")
     args = p.parse_args(argv)
 
     model = small_cnn()
     dtype = next(model.parameters()).dtype  # float32 unless the default dtype was changed
     data = load_dataset("mnist-embedded", per_class=args.per_class, dtype=dtype)
+    probe = None
+    if args.probe_every > 0:
+        # Over training: the same per-layer records for the middle head layer, every few epochs
+        probe_out = args.probe_out or str(
+            Path(args.out).with_name(Path(args.out).name + "-training")
+        )
+        probe = deepufm.TrainingProbe(
+            (data.X, data.y), "mse", layers=["head.2"], out_dir=probe_out,
+            every=args.probe_every, at=[args.epochs], batch_size=1000,  # and the last epoch
+        )  # fmt: skip
     start = time.perf_counter()
-    train(model, data.X, data.y, args.epochs, args.batch_size, args.lr, args.weight_decay)
+    train(model, data.X, data.y, args.epochs, args.batch_size, args.lr, args.weight_decay,
+          probe=probe)  # fmt: skip
     print(f"trained in {time.perf_counter() - start:.0f} s")
+    if probe is not None:
+        figures = probe.figures(formats=["png"])
+        print(f"over-training figures ({len(probe.read())} probes): {figures[0].parent}")
 
     # The analysis itself: five lines for any model.
     analysis = deepufm.analyze(model, (data.X, data.y), loss="mse", batch_size=1000)

@@ -492,7 +492,7 @@ def _tiny_network():
     data = ClassificationData(X, torch.arange(3).repeat_interleave(3), 3, "toy", ("0", "1", "2"))
     config = nw.NetworkTrainConfig(
         epochs=6, lr=0.05, d=4, L=3, width=0.25, blocks=1, lam=1e-2, lam_H=1e-3,
-        momentum=0.5, checkpoint_every=1,
+        momentum=0.5, checkpoint_every_epochs=1,
     )  # fmt: skip
     return nw, config, data
 

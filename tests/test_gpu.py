@@ -190,7 +190,7 @@ def toy_data(K=3, n=4, side=8, seed=0, channels=1) -> ClassificationData:
 
 def toy_config(**kw) -> nw.NetworkTrainConfig:
     base = {"epochs": 4, "lr": 0.05, "lr_halve_at": (2,), "d": 6, "L": 3, "width": 0.25}
-    base |= {"blocks": 1, "lam": 1e-2, "lam_H": 1e-3, "checkpoint_every": 1, "momentum": 0.9}
+    base |= {"blocks": 1, "lam": 1e-2, "lam_H": 1e-3, "checkpoint_every_epochs": 1, "momentum": 0.9}
     base |= {"dtype": "float64", "probes_per_decade": 2}
     return nw.NetworkTrainConfig(**(base | kw))
 
@@ -354,7 +354,7 @@ def test_run_mnist_resnet_on_the_device_matches_the_cpu(tmp_path, device, monkey
     def tiny(name, dataset):
         cfg = nw.NetworkTrainConfig(
             dataset=dataset, per_class=2, epochs=3, lr=0.05, lr_halve_at=(2,), d=12, L=4,
-            width=0.25, blocks=1, dtype="float64", probes_per_decade=2, checkpoint_every=2,
+            width=0.25, blocks=1, dtype="float64", probes_per_decade=2, checkpoint_every_epochs=2,
         )  # fmt: skip
         return resnet_head.Preset(cfg, 2, (0, 3), 3, 2, full_hessian_per_class=1)
 

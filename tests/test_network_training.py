@@ -39,7 +39,7 @@ def tiny_data(K=3, n=3, side=8, seed=0):
 
 def tiny_config(**kw):
     base = {"epochs": 3, "lr": 0.05, "lr_halve_at": (2,), "d": 4, "L": 3, "width": 0.25}
-    base |= {"blocks": 1, "lam": 1e-2, "lam_H": 1e-3, "checkpoint_every": 1}
+    base |= {"blocks": 1, "lam": 1e-2, "lam_H": 1e-3, "checkpoint_every_epochs": 1}
     return nw.NetworkTrainConfig(**(base | kw))
 
 
@@ -57,6 +57,9 @@ def params_of(model):
         ("bn_train", "sync"),
         ("epochs", -1),
         ("checkpoint_every", 0),
+        ("checkpoint_every", float("inf")),
+        ("checkpoint_every_epochs", 0),
+        ("checkpoint_every_epochs", 1.5),
         ("lr_halve_at", (-3,)),
         ("dataset", "imagenet"),
         ("lam_H", float("nan")),
@@ -176,7 +179,7 @@ def interrupt_at(epoch):
 @pytest.mark.parametrize("batch_size", [None, 4])
 def test_interrupted_and_resumed_run_is_bitwise_equal(tmp_path, batch_size):
     data = tiny_data()
-    cfg = tiny_config(epochs=5, momentum=0.9, batch_size=batch_size, checkpoint_every=2)
+    cfg = tiny_config(epochs=5, momentum=0.9, batch_size=batch_size, checkpoint_every_epochs=2)
     cfg = cfg.replace(probe_at=(3,), probes_per_decade=1)
     whole = nw.train(cfg, data, tmp_path / "whole")
     with pytest.raises(Interrupt):
@@ -205,6 +208,59 @@ def test_run_directory_contract_and_resume_refuses_other_settings(tmp_path):
         nw.train(cfg.replace(lr=0.1), data, tmp_path, resume=True)
     with pytest.raises(ConfigError, match="data"):
         nw.train(cfg, tiny_data(seed=1), tmp_path, resume=True)
+
+
+def test_checkpoint_every_counts_seconds_and_the_epoch_cadence_is_its_own_field(tmp_path):
+    """``checkpoint_every`` is seconds, as in TrainConfig and ``deepufm train``: a long interval
+    still writes the final checkpoint (and only it); ``checkpoint_every_epochs`` counts epochs."""
+    data = tiny_data()
+    assert nw.NetworkTrainConfig().checkpoint_every == 60.0
+    assert nw.NetworkTrainConfig().checkpoint_every_epochs is None
+    runs = {
+        "long": {"checkpoint_every": 1e6, "checkpoint_every_epochs": None},
+        "always": {"checkpoint_every": 1e-9, "checkpoint_every_epochs": None},
+        "epochs": {"checkpoint_every": None, "checkpoint_every_epochs": 2},
+    }
+    for name, kw in runs.items():
+        out = tmp_path / name
+        nw.train(tiny_config(epochs=3, **kw), data, out)
+        assert torch.load(out / "checkpoint.pt", weights_only=True)["epoch"] == 3, name
+        prev = out / "checkpoint.prev.pt"
+        assert prev.exists() == (name != "long"), name
+        if prev.exists():  # every epoch by time; epoch 2 by the epoch cadence
+            assert torch.load(prev, weights_only=True)["epoch"] == 2, name
+    # the cadence does not change the trajectory, so a resume may use another
+    ref = nw.train(tiny_config(epochs=3), data)
+    resumed = nw.train(tiny_config(epochs=3, checkpoint_every=5.0), data, tmp_path / "epochs",
+                       resume=True)  # fmt: skip
+    a, b = params_of(ref.model), params_of(resumed.model)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_a_run_stored_when_checkpoint_every_counted_epochs_resumes(tmp_path):
+    """An older ``config.json`` holds an int ``checkpoint_every`` in epochs and no
+    ``checkpoint_every_epochs``: it reads as that epoch cadence, and the run resumes exactly."""
+    data = tiny_data()
+    cfg = tiny_config(epochs=5, momentum=0.9, checkpoint_every=None, checkpoint_every_epochs=2)
+    whole = nw.train(cfg, data, tmp_path / "whole")
+    cut = tmp_path / "cut"
+    with pytest.raises(Interrupt):
+        nw.train(cfg, data, cut, probes=[*nw.DEFAULT_NETWORK_PROBES, interrupt_at(3)])
+    payload = json.loads((cut / "config.json").read_text())
+    training = payload["training"]
+    training.pop("checkpoint_every_epochs")
+    training["checkpoint_every"] = 2  # the old meaning: epochs
+    (cut / "config.json").write_text(json.dumps(payload))
+    saved, _ = nw.read_network_config(cut)
+    assert (saved.checkpoint_every, saved.checkpoint_every_epochs) == (None, 2)
+    with pytest.raises(ConfigError, match="data"):
+        nw.resume_run(cut)  # toy data: not the built-in set the config names
+    resumed = nw.resume_run(cut, data)  # the spelling of deepufm.training.resume_run
+    assert resumed.epoch == 5
+    a, b = params_of(whole.model), params_of(resumed.model)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    strip = lambda rs: [{k: v for k, v in r.items() if k != "elapsed"} for r in rs]  # noqa: E731
+    assert strip(read_metrics(cut)) == strip(read_metrics(tmp_path / "whole"))
 
 
 def test_divergence_is_reported():

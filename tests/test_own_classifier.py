@@ -465,3 +465,16 @@ def test_the_example_runs_tiny(tmp_path):
     # BatchNorm upstream, ReLU between the head layers: every head layer is structured
     assert all(r["hessian_route"].startswith("structured") for r in analysis.layers)
     assert (out / "report.html").exists() and (out / "results.json").exists()
+    # the probe in the training loop: epochs 0 and 1 of the middle head layer, and its figures
+    from deepufm.training.rundir import read_metrics
+
+    rows = read_metrics(tmp_path / "report-training")
+    assert [r["epoch"] for r in rows] == [0, 1]
+    assert [rec["name"] for rec in rows[-1]["layers"]] == ["head.2"]
+    final = analysis.layer("head.2")
+    for key in ("nc1", "effective_rank_hessian", "outlier_mean_std", "eigvec_alignment"):
+        np.testing.assert_allclose(rows[-1]["layers"][0][key], final[key], rtol=1e-9, err_msg=key)
+    figures = tmp_path / "report-training" / "figures"
+    assert {p.name for p in figures.glob("v2-fig*.png")} == {
+        f"v2-fig{n}-head-2.png" for n in (6, 16, 17, 18)
+    }

@@ -17,16 +17,18 @@ __all__ = [
     "DeepUFM",
     "DeepUFMError",
     "DivergenceError",
+    "TrainingProbe",
     "UFMConfig",
     "__version__",
     "analyze",
+    "overtraining_figures",
 ]
 
 
 def __getattr__(name: str):
-    # deepufm.analyze / deepufm.Analysis load the analysis stack (matrices, metrics, figures)
-    # only when used, so that `import deepufm` stays light.
-    if name in ("analyze", "Analysis"):
+    # deepufm.analyze, deepufm.Analysis, deepufm.TrainingProbe ... load the analysis stack
+    # (matrices, metrics, figures) only when used, so that `import deepufm` stays light.
+    if name in ("analyze", "Analysis", "TrainingProbe", "overtraining_figures"):
         from deepufm import analysis
 
         return getattr(analysis, name)

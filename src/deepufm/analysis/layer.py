@@ -80,6 +80,7 @@ from deepufm.metrics import (
     outlier_count,
     outlier_stats,
     projection_proportion,
+    singular_vector_alignment,
 )
 
 ROUTES = ("auto", "structured", "matrix-free")
@@ -470,6 +471,7 @@ def layer_record(
     M_in_t = torch.cat([M_in, M_in.new_ones(1, K)]) if layer.has_bias else M_in
     W = layer.module.weight.detach()
     sv = torch.linalg.svdvals(W)
+    sv_left, sv_right = singular_vector_alignment(W, M_out, M_in)
     grad_cov = JacobianGram(delta.unsqueeze(1), layer.h_tilde.T.contiguous()) - RowGram(
         g.unsqueeze(0)
     )
@@ -506,6 +508,7 @@ def layer_record(
         "projection_proportion": projection_proportion(g, vecs),
         "data_gradient_norm": float(torch.linalg.norm(g)),
         "weight_singular_values": sv.tolist(),
+        "singular_vector_alignment": {"left": sv_left.tolist(), "right": sv_right.tolist()},
         "weight_bias_singular_values": torch.linalg.svdvals(layer.weight_tilde).tolist(),
         "grad_cov_eigenvalues": grad_cov.topk(min(K, p), strict=strict).values.tolist(),
         "backprop_eigenvalues": _backprop(layer) if loss.name == "mse" else None,

@@ -55,6 +55,7 @@ class TrainConfig:
         return halved_lr(self.lr, self.lr_halve_at, epoch)
 
     def to_dict(self) -> dict[str, Any]:
+        """The fields as JSON-ready values (tuples as lists), as ``config.json`` stores them."""
         out = asdict(self)
         out["lr_halve_at"] = list(self.lr_halve_at)
         out["probe_at"] = list(self.probe_at)
@@ -62,6 +63,7 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> TrainConfig:
+        """The config :meth:`to_dict` wrote (validated again)."""
         return cls(**data)
 
 

@@ -100,6 +100,8 @@ class AllReduceBatchNorm2d(nn.BatchNorm2d):
     """
 
     def forward(self, x: Tensor) -> Tensor:
+        """BatchNorm of ``x`` ``(B, C, H, W)`` with the statistics of the whole batch over every
+        rank in training mode; the ordinary BatchNorm otherwise."""
         if not (self.training and dist.is_initialized() and dist.get_world_size() > 1):
             return super().forward(x)
         dims = (0, 2, 3)

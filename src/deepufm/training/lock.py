@@ -83,6 +83,7 @@ def acquire(run_dir: Path | str) -> None:
 
 
 def release(run_dir: Path | str) -> None:
+    """Give up one hold of ``run_dir``'s lock (the kernel lock goes with the outermost one)."""
     key = Path(run_dir).resolve()
     fd, depth = _HELD[key]
     if depth > 1:

@@ -3,8 +3,9 @@
 ``manifest.json`` = ``{"deepufm_version", "kind", "name", "status", "files", "previous"}``:
 
 * ``kind``/``name``: who owns the directory: ``"train"`` (``deepufm train``), ``"network"``
-  (:func:`deepufm.training.network.train`) or ``"experiment"`` with ``name`` the experiment and
-  preset (``"linear-ufm/quick"``);
+  (:func:`deepufm.training.network.train`), ``"experiment"`` with ``name`` the experiment and
+  preset (``"linear-ufm/quick"``) or ``"probe"`` (:class:`deepufm.TrainingProbe` in a user's
+  own training loop);
 * ``status``: ``"running"`` until the run completes, then ``"complete"``;
 * ``files``: every path (relative, ``/``-separated) this run wrote, recorded *before* writing it;
 * ``previous``: what the run it replaces wrote and this one has not rewritten yet; deleted when
@@ -26,12 +27,14 @@ from deepufm.errors import ConfigError
 from deepufm.training import lock
 
 MANIFEST = "manifest.json"
-KINDS = ("train", "network", "experiment")
+KINDS = ("train", "network", "experiment", "probe")
 _OURS = {MANIFEST, lock.LOCK}
 
 
 @dataclass(frozen=True)
 class Manifest:
+    """The contents of ``manifest.json`` (module docstring)."""
+
     kind: str
     name: str = ""
     status: str = "running"
@@ -46,6 +49,7 @@ class Manifest:
 
     @property
     def complete(self) -> bool:
+        """Whether the run finished (``status == "complete"``)."""
         return self.status == "complete"
 
 
@@ -67,6 +71,7 @@ def read_manifest(run_dir: Path | str) -> Manifest | None:
 
 
 def write_manifest(run_dir: Path | str, manifest: Manifest) -> None:
+    """Write ``manifest.json`` atomically (never itself recorded in ``files``)."""
     from deepufm.training.rundir import atomic_write
 
     data = asdict(manifest) | {"files": list(manifest.files), "previous": list(manifest.previous)}
@@ -190,6 +195,18 @@ def resume_hint(run_dir: Path) -> str:
     if manifest is not None and manifest.kind == "experiment":
         exp, _, preset = manifest.name.partition("/")
         return f"deepufm run {exp} --preset {preset or 'quick'} --out {run_dir} --resume"
+    if manifest is not None and manifest.kind == "probe":
+        return f"deepufm.TrainingProbe(data, loss, out_dir={str(run_dir)!r}) (it continues the log)"
     if manifest is not None and manifest.kind == "network":
-        return f"deepufm.training.network.train(config, data, {str(run_dir)!r}, resume=True)"
+        where = repr(str(run_dir))
+        try:
+            payload = json.loads((Path(run_dir) / "config.json").read_text())
+            own = payload["data"]["name"] != payload["training"].get("dataset", "mnist-embedded")
+        except (OSError, ValueError, KeyError, TypeError, AttributeError):
+            own = True
+        args = f"{where}, data" if own else where
+        return (
+            f"deepufm.training.network.resume_run({args}) (or "
+            f"deepufm.training.network.train(config, data, {where}, resume=True))"
+        )
     return f"deepufm train --resume {run_dir}"

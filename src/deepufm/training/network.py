@@ -18,11 +18,14 @@ objective is exactly the deep-UFM objective with ``H_1`` = the network's feature
 :class:`~deepufm.models.ufm.DeepUFM` (``snapshot.head()``), so every matrix of the structured
 engine (``layer_hessian`` ...) applies to it unchanged. Records go to ``metrics.jsonl``.
 
-**Checkpoints and exact resume.** Every ``checkpoint_every`` epochs (and at the end) the model's
-parameters and buffers, the optimizer state (momentum), the batch-order generator and the epoch are
-written atomically to ``checkpoint.pt`` (:mod:`deepufm.training.rundir`). Probes read the state but
-never change it (BatchNorm buffers are restored), so a run resumed from a checkpoint ends bitwise
-equal to an uninterrupted one on the CPU in float64.
+**Checkpoints and exact resume.** Every ``checkpoint_every`` seconds, as for
+:class:`~deepufm.training.TrainConfig` (and ``deepufm train --checkpoint-every``), and/or every
+``checkpoint_every_epochs`` epochs, and at the end, the model's parameters and buffers, the
+optimizer state (momentum), the batch-order generator and the epoch are written atomically to
+``checkpoint.pt`` (:mod:`deepufm.training.rundir`). Probes read the state but never change it
+(BatchNorm buffers are restored), so a run resumed from a checkpoint ends bitwise equal to an
+uninterrupted one on the CPU in float64. :func:`resume_run` continues a run from its directory
+(``train(config, data, run_dir, resume=True)`` is the same with the config given again).
 """
 
 from __future__ import annotations
@@ -57,6 +60,8 @@ from deepufm.training.config import halved_lr, probe_epochs
 from deepufm.training.probes import collapse_record
 
 LOSSES = ("mse", "ce")
+# The fields that set when checkpoints are written: not part of the trajectory.
+CHECKPOINT_FIELDS = ("checkpoint_every", "checkpoint_every_epochs")
 BN_TRAIN_MODES = ("batch", "frozen")
 KIND = "network"
 
@@ -91,7 +96,12 @@ class NetworkTrainConfig:
         probes_per_decade: log-spaced probe epochs per factor 10 (epoch 0 and the last always).
         probe_at: extra probe epochs.
         probe_batch_size: images per forward pass in probes (``None``: all at once).
-        checkpoint_every: epochs between checkpoints (``>= 1``); one is also written at the end.
+        checkpoint_every: seconds of training between checkpoints (``> 0``, as
+            ``TrainConfig.checkpoint_every``; ``None``: none by time); one is also written at the
+            end. Checkpoints do not change the trajectory.
+        checkpoint_every_epochs: also checkpoint every this many epochs (``>= 1``; ``None``: by
+            time only). A ``config.json`` written before this field existed held the epoch count
+            in ``checkpoint_every``: :meth:`from_dict` reads it as ``checkpoint_every_epochs``.
     """
 
     dataset: str = "mnist-embedded"
@@ -117,7 +127,8 @@ class NetworkTrainConfig:
     probes_per_decade: int = 10
     probe_at: tuple[int, ...] = field(default_factory=tuple)
     probe_batch_size: int | None = None
-    checkpoint_every: int = 100
+    checkpoint_every: float | None = 60.0
+    checkpoint_every_epochs: int | None = None
 
     def __post_init__(self) -> None:
         choices = {
@@ -133,9 +144,34 @@ class NetworkTrainConfig:
         set_ = lambda name, v: object.__setattr__(self, name, v)  # noqa: E731
         ints = {"epochs": (0, V.MAX_EPOCHS), "d": (1, 2**31 - 1), "L": (1, 10_000)}
         ints |= {"blocks": (1, 10_000), "seed": (0, V.MAX_SEED), "probes_per_decade": (1, 1000)}
-        ints |= {"checkpoint_every": (1, V.MAX_EPOCHS)}
         for name, (lo, hi) in ints.items():
             set_(name, V.integer(name, getattr(self, name), lo, hi))
+        if self.checkpoint_every is not None:
+            try:
+                set_(
+                    "checkpoint_every",
+                    V.number("checkpoint_every", self.checkpoint_every, 0, lo_open=True),
+                )
+            except ConfigError:
+                raise ConfigError(
+                    "checkpoint_every",
+                    self.checkpoint_every,
+                    "a finite number of seconds > 0, or None (no checkpoints by time)",
+                ) from None
+        if self.checkpoint_every_epochs is not None:
+            try:
+                set_(
+                    "checkpoint_every_epochs",
+                    V.integer(
+                        "checkpoint_every_epochs", self.checkpoint_every_epochs, 1, V.MAX_EPOCHS
+                    ),
+                )
+            except ConfigError:
+                raise ConfigError(
+                    "checkpoint_every_epochs",
+                    self.checkpoint_every_epochs,
+                    f"an integer in [1, {V.MAX_EPOCHS}], or None (checkpoints by time only)",
+                ) from None
         for name in ("per_class", "batch_size", "probe_batch_size"):
             v = getattr(self, name)
             if v is not None:
@@ -159,6 +195,7 @@ class NetworkTrainConfig:
 
     @property
     def torch_dtype(self) -> torch.dtype:
+        """``dtype`` as a ``torch.dtype``."""
         return DTYPES[self.dtype]
 
     def lr_at(self, epoch: int) -> float:
@@ -170,13 +207,36 @@ class NetworkTrainConfig:
         return NetworkTrainConfig(**(asdict(self) | changes))
 
     def to_dict(self) -> dict[str, Any]:
+        """The fields as JSON-ready values (tuples as lists), as ``config.json`` stores them."""
         out = asdict(self)
         out["lr_halve_at"] = list(self.lr_halve_at)
         out["probe_at"] = list(self.probe_at)
         return out
 
+    def checkpoint_due(self, epoch: int, seconds: float) -> bool:
+        """Whether a checkpoint is due after ``epoch`` with ``seconds`` since the last one."""
+        by_epoch = (
+            self.checkpoint_every_epochs is not None and epoch % self.checkpoint_every_epochs == 0
+        )
+        return by_epoch or (self.checkpoint_every is not None and seconds >= self.checkpoint_every)
+
+    def trajectory_dict(self) -> dict[str, Any]:
+        """:meth:`to_dict` without the checkpoint cadence, which does not change the trajectory
+        (a run may be resumed with another one)."""
+        out = self.to_dict()
+        for name in CHECKPOINT_FIELDS:
+            out.pop(name)
+        return out
+
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> NetworkTrainConfig:
+        """The config ``to_dict`` wrote; unknown fields are refused. A dict without
+        ``checkpoint_every_epochs`` comes from a run written when ``checkpoint_every`` counted
+        epochs: that count becomes ``checkpoint_every_epochs`` (no checkpoints by time)."""
+        if "checkpoint_every_epochs" not in data and "checkpoint_every" in data:
+            data = dict(data)
+            data["checkpoint_every_epochs"] = data.pop("checkpoint_every")
+            data["checkpoint_every"] = None
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(data) - known)
         if unknown:
@@ -189,7 +249,7 @@ class NetworkTrainConfig:
 # The paper's settings (THEORY §10, v2 App. G.2): 5,000 images per class, batch 10,000, MNIST-like
 # sets 4,000 epochs at lr 0.04 halved at 2,000, CIFAR-10 5,000 at 0.05 halved at 2,500; width 64,
 # lam 5e-3, lam_H 1e-6 (provisional, THEORY §10). GPU-sized: float32 on CUDA.
-_PAPER = {"batch_size": 10_000, "dtype": "float32", "device": "cuda", "checkpoint_every": 50}
+_PAPER = {"batch_size": 10_000, "dtype": "float32", "device": "cuda", "checkpoint_every_epochs": 50}
 _PAPER_MNIST = _PAPER | {"per_class": 5000, "epochs": 4000, "lr": 0.04, "lr_halve_at": (2000,)}
 _PAPER_CIFAR = _PAPER | {"per_class": 5000, "epochs": 5000, "lr": 0.05, "lr_halve_at": (2500,)}
 
@@ -216,7 +276,7 @@ _QUICK = {
     "width": 0.25,
     "dtype": "float32",
     "device": "cpu",
-    "checkpoint_every": 50,
+    "checkpoint_every_epochs": 50,
 }
 
 PRESETS: dict[str, dict[str, dict[str, Any]]] = {
@@ -299,11 +359,13 @@ class HeavyBallSGD:
         self.buffers = [torch.zeros_like(p) for p in self.params] if momentum else None
 
     def zero_grad(self) -> None:
+        """Drop every parameter's ``.grad`` (``None``, not zeros: no memory is kept)."""
         for p in self.params:
             p.grad = None
 
     @torch.no_grad()
     def step(self) -> None:
+        """One update of the parameters that have a gradient (module docstring's rule)."""
         live = [i for i, p in enumerate(self.params) if p.grad is not None]
         params = [self.params[i] for i in live]
         grads = [self.params[i].grad for i in live]
@@ -316,10 +378,12 @@ class HeavyBallSGD:
         torch._foreach_add_(params, bufs, alpha=-self.lr)
 
     def state_dict(self) -> dict[str, Any]:
+        """``{"lr", "momentum", "buffers"}`` with the momentum buffers copied to the CPU."""
         bufs = None if self.buffers is None else [b.detach().cpu().clone() for b in self.buffers]
         return {"lr": self.lr, "momentum": self.momentum, "buffers": bufs}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore what :meth:`state_dict` returned (buffers moved to the parameters' device)."""
         self.lr, self.momentum = float(state["lr"]), float(state["momentum"])
         bufs = state["buffers"]
         self.buffers = None if bufs is None else [b.to(p) for b, p in zip(bufs, self.params)]
@@ -385,6 +449,7 @@ class FeatureLogits(nn.Module):
         self.model = model
 
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """``(features (B, feature_dim), logits (B, K))`` of images ``x`` ``(B, C, H, W)``."""
         H = self.model.features(x)
         return H, self.model.head_forward(H)
 
@@ -465,7 +530,7 @@ class NetworkSnapshot:
 NetworkProbe = Callable[[NetworkSnapshot], dict[str, Any]]
 
 
-def loss_probe(snap: NetworkSnapshot) -> dict[str, Any]:
+def network_loss_probe(snap: NetworkSnapshot) -> dict[str, Any]:
     """Full-data objective (``bn_mode``), its data and regulariser parts, accuracy, and the mean
     batch objective of the last epoch as training saw it (``None`` at epoch 0)."""
     head = snap.head()
@@ -484,14 +549,14 @@ def loss_probe(snap: NetworkSnapshot) -> dict[str, Any]:
     }
 
 
-def collapse_probe(snap: NetworkSnapshot) -> dict[str, Any]:
+def network_collapse_probe(snap: NetworkSnapshot) -> dict[str, Any]:
     """NC1 and orthogonal-frame distance of the input of every head layer, ``[H_1, ..., H_L]``
     (``H_1`` = the backbone's features)."""
     head = snap.head()
     return collapse_record(head.features()[:-1], head.config.K)
 
 
-DEFAULT_NETWORK_PROBES: tuple[NetworkProbe, ...] = (loss_probe, collapse_probe)
+DEFAULT_NETWORK_PROBES: tuple[NetworkProbe, ...] = (network_loss_probe, network_collapse_probe)
 
 
 # -- state, checkpoints, the loop -------------------------------------------------------------------
@@ -564,7 +629,10 @@ def data_summary(data: ClassificationData) -> dict[str, Any]:
     }
 
 
-def write_network_config(run_dir: Path, config: NetworkTrainConfig, data: ClassificationData):
+def write_network_config(
+    run_dir: Path, config: NetworkTrainConfig, data: ClassificationData
+) -> None:
+    """Write ``config.json`` (kind ``"network"``, the config, the data summary) atomically."""
     payload = {
         "deepufm_version": __version__,
         "kind": KIND,
@@ -635,9 +703,11 @@ def _open_run(
         write_network_config(run_dir, config, data)
         rd.rewrite_metrics(run_dir, [])
     saved, summary = read_network_config(run_dir)
-    if saved != config:
-        diff = {k: v for k, v in config.to_dict().items() if saved.to_dict()[k] != v}
-        raise ConfigError("config", diff, f"the run's settings {saved.to_dict()}")
+    if saved.trajectory_dict() != config.trajectory_dict():
+        # the checkpoint cadence may differ: it does not change the trajectory
+        old = saved.trajectory_dict()
+        diff = {k: v for k, v in config.trajectory_dict().items() if old[k] != v}
+        raise ConfigError("config", diff, f"the run's settings {old}")
     if summary != data_summary(data):
         raise ConfigError("data", data_summary(data), f"the run's data {summary}")
     state = _checkpoint_state(config, data, run_dir) if resume else None
@@ -705,6 +775,36 @@ def train(
     return state
 
 
+def resume_run(
+    run_dir: Path | str,
+    data: ClassificationData | None = None,
+    probes: Sequence[NetworkProbe] = DEFAULT_NETWORK_PROBES,
+    progress: bool = False,
+    data_dir: str | Path | None = None,
+) -> NetworkState:
+    """Continue the network run in ``run_dir`` from its checkpoint, as
+    :func:`deepufm.training.resume_run` does for a deep-UFM run (the same spelling for both).
+
+    The config comes from the run's ``config.json``; ``data`` defaults to the built-in data set it
+    names (:func:`load_network_data`, from ``data_dir``), checked against the run's data summary;
+    a run on other data needs them given. ``train(config, data, run_dir, resume=True)`` is the
+    same with the config given again (the checkpoint cadence may then differ).
+    """
+    run_dir = Path(run_dir)
+    config, summary = read_network_config(run_dir)
+    if data is None:
+        if summary.get("name") != config.dataset:
+            raise ConfigError(
+                "data",
+                None,
+                f"the run's data set ({summary.get('name')!r}, N={summary.get('N')})",
+                f"It is not the built-in {config.dataset!r} named by the config; pass the "
+                "ClassificationData the run was trained on.",
+            )
+        data = load_network_data(config, data_dir, split=summary.get("split", "train"))
+    return train(config, data, run_dir, probes, progress, resume=True)
+
+
 def _loop(
     state: NetworkState,
     net: nn.Module,
@@ -744,7 +844,7 @@ def _loop(
     # collectives of this epoch, and all must stop at the same one.
     stop = signals.deferred(state.run_dir is not None)
     agree = world > 1 and state.run_dir is not None
-    ckpt_epoch = None
+    ckpt_epoch, last_ckpt = None, time.perf_counter()
     try:
         pending = stop.__enter__()
         while True:
@@ -773,10 +873,10 @@ def _loop(
             if signum:
                 state.elapsed = time.perf_counter() - t_start
                 _stop(state, signum, together, writes, start_loss[0], lr)
-            if writes and state.epoch % cfg.checkpoint_every == 0:
+            if writes and cfg.checkpoint_due(state.epoch, time.perf_counter() - last_ckpt):
                 state.elapsed = time.perf_counter() - t_start
                 _checkpoint(state, start_loss[0], lr)
-                ckpt_epoch = state.epoch
+                ckpt_epoch, last_ckpt = state.epoch, time.perf_counter()
     finally:
         stop.__exit__(None, None, None)
         bar.close()

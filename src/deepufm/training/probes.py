@@ -1,8 +1,23 @@
 """Probes: measurements taken at scheduled epochs and appended to ``metrics.jsonl``.
 
-A probe is any callable ``probe(model, epoch) -> dict`` whose JSON-serialisable entries are merged
-into the epoch's record. Later analyses (Hessian spectra, alignments) plug in here without
-touching the training loop.
+**One convention** for the three places that probe a run:
+
+* the deep-UFM trainer (:func:`deepufm.training.train`): a probe is any callable
+  ``probe(model, epoch) -> dict`` (``model`` the :class:`~deepufm.models.ufm.DeepUFM`);
+* a user's own training loop: :class:`deepufm.TrainingProbe` is called the same way,
+  ``probe(model, epoch)``, with the user's ``nn.Module``;
+* the network trainer (:mod:`deepufm.training.network`): ``probe(snapshot) -> dict``, where the
+  :class:`~deepufm.training.network.NetworkSnapshot` carries the model *and* the epoch
+  (``snapshot.epoch``) and shares the head state among the probes; its probes are named
+  ``network_*`` (:func:`~deepufm.training.network.network_loss_probe`), so that no name here
+  stands for two signatures.
+
+Every record is one JSON object per line with an integer ``"epoch"``, the probes' entries merged
+into it (an undefined metric is ``null``). The checkpoint cadence is in seconds everywhere
+(``checkpoint_every``; the network trainer can add ``checkpoint_every_epochs``), and a run is
+continued with ``resume_run(run_dir)`` (:func:`deepufm.training.resume_run`,
+:func:`deepufm.training.network.resume_run`; a restarted user loop just calls its
+``TrainingProbe`` again). Later analyses plug in here without touching the training loops.
 """
 
 from __future__ import annotations
@@ -17,6 +32,7 @@ from deepufm.models.ufm import DeepUFM
 from deepufm.training.gradients import loss_gradients
 
 Probe = Callable[[DeepUFM, int], dict[str, Any]]
+"""A deep-UFM probe: ``probe(model, epoch) -> dict`` (module docstring)."""
 
 
 def loss_probe(model: DeepUFM, epoch: int) -> dict[str, Any]:

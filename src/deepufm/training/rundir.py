@@ -88,6 +88,7 @@ def write_text(path: Path, text: str) -> None:
 
 
 def write_config(run_dir: Path, model_cfg: UFMConfig, train_cfg: TrainConfig) -> None:
+    """Write a deep-UFM run's ``config.json`` (module docstring) atomically."""
     payload = {
         "deepufm_version": __version__,
         "model": model_cfg.to_dict(),
@@ -178,11 +179,14 @@ def _metrics_line(record: dict[str, Any]) -> str:
 
 
 def rewrite_metrics(run_dir: Path, records: list[dict[str, Any]]) -> None:
+    """Replace ``metrics.jsonl`` by ``records``, one strict-JSON line each, atomically."""
     text = "".join(_metrics_line(r) for r in records)
     atomic_write(Path(run_dir) / METRICS, lambda f: f.write(text), mode="w")
 
 
 def append_metrics(run_dir: Path, record: dict[str, Any]) -> None:
+    """Append ``record`` as one strict-JSON line to ``metrics.jsonl`` (a kill mid-write leaves
+    at most a torn last line, which :func:`scan_metrics` skips and :func:`repair_metrics` drops)."""
     path = Path(run_dir) / METRICS
     line = _metrics_line(record)
     try:
@@ -269,6 +273,7 @@ def load_checkpoint(
 
 
 def save_params(run_dir: Path, model: DeepUFM) -> None:
+    """Write ``params.npz`` (``H1``, ``W1`` ... ``WL`` as float arrays) atomically."""
     arrays = {k: v.detach().cpu().numpy() for k, v in model.state_arrays().items()}
     atomic_write(Path(run_dir) / PARAMS, lambda f: np.savez(f, **arrays))
 

@@ -61,6 +61,9 @@ class TrainState:
 
 @dataclass
 class TrainResult:
+    """What :func:`train` returns: the trained model, the epoch and seconds reached, this call's
+    probe records and the run directory (``None`` in memory)."""
+
     model: DeepUFM
     epoch: int
     elapsed: float
