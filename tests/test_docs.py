@@ -83,12 +83,14 @@ def _api_text() -> str:
 # The packages and modules checked so far (issue 14). The lead widens this tuple as the other
 # packages get their docstrings; ("deepufm",) checks everything.
 DOCSTRING_SCOPE = (
+    "deepufm.analysis",
     "deepufm.data",
     "deepufm.errors",
     "deepufm.matrices",
     "deepufm.metrics",
     "deepufm.models",
     "deepufm.theory",
+    "deepufm.training",
     "deepufm.validate",
     "deepufm.vec",
 )

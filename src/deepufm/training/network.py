@@ -886,6 +886,16 @@ def _loop(
     return state
 
 
+def _own_signal(signum: int) -> int:
+    """One process: its own pending signal is the one it acts on."""
+    return signum
+
+
+def _own_confirmation(written: bool) -> bool:
+    """One process: its own "the checkpoint is written" needs no agreement."""
+    return written
+
+
 @dataclass(frozen=True)
 class RankStop:
     """How the ranks of a data-parallel run stop together on a signal; the defaults are those of
@@ -900,8 +910,8 @@ class RankStop:
         hint: the command that resumes the run (``None``: :func:`~deepufm.training.manifest.resume_hint`).
     """
 
-    agree: Callable[[int], int] = lambda signum: signum
-    confirm: Callable[[bool], bool] = lambda written: written
+    agree: Callable[[int], int] = _own_signal
+    confirm: Callable[[bool], bool] = _own_confirmation
     hint: str | None = None
 
 
