@@ -11,6 +11,7 @@ import dataclasses
 import functools
 import importlib
 import inspect
+import json
 import linecache
 import os
 import pkgutil
@@ -269,42 +270,109 @@ def test_strict_build(tmp_path):
     assert "numerical-zero threshold" in matrices
 
 
-# -- the gallery page: the registry's figures and tables, by experiment ----------------------------
+# -- the gallery page: the registry's figures and tables, by experiment, with the quick-run images ---
 GALLERY = DOCS / "gallery.md"
 
 
-def gallery_page() -> str:
-    """docs/gallery.md from the experiment registry (``python tests/test_docs.py`` rewrites it)."""
-    from deepufm.experiments.registry import EXPERIMENTS, PRESETS
+@functools.cache
+def make_gallery() -> types.ModuleType:
+    """docs/make_gallery.py, imported from its file (docs/ is not a package)."""
+    import importlib.util
 
-    lines = [
-        "# Gallery",
-        "",
-        "The figures and tables each experiment writes, by id, with their captions — generated",
-        "from the experiment registry (`deepufm run --list`). `deepufm run EXPERIMENT` writes",
-        "`figures/<id>.png` and `.pdf` (tables: `tables/<id>.md` and `.csv`) into its run",
-        "directory, with every prediction beside its measurement in `report.html`; presets: "
-        + ", ".join(f"`{p}`" for p in PRESETS)
-        + ".",
-        "",
-    ]
-    for exp in EXPERIMENTS.values():
-        data = " Needs `--data-dir` unless the data ship with an extra." if exp.needs_data else ""
-        # the registry cites the project's internal specification; the site cites the paper
-        description = re.sub(r",? THEORY §[\d.]+", "", exp.description)
-        lines += [f"## `{exp.name}`", "", f"{description}.{data}", "", "| id | content |"]
-        lines += ["|---|---|"]
-        lines += [f"| `{it.id}` | {it.description} |" for it in exp.items]
-        lines += ["", "```bash", f"deepufm run {exp.name}", "```", ""]
-    return "\n".join(lines)
+    spec = importlib.util.spec_from_file_location("make_gallery", DOCS / "make_gallery.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def test_gallery_matches_the_registry():
-    assert GALLERY.read_text() == gallery_page(), "regenerate it: python tests/test_docs.py"
+    expected = make_gallery().gallery_page()
+    assert GALLERY.read_text() == expected, "regenerate it: python docs/make_gallery.py"
 
 
-if __name__ == "__main__":
-    GALLERY.write_text(gallery_page())
+def _fake_run(run_dir: Path, widths: dict[str, int]) -> None:
+    """A finished quick linear-ufm run as far as the gallery reads it: manifest, report.md and one
+    PNG per figure (``widths``: id -> pixel width, height half of it; a red left half)."""
+    from PIL import Image
+
+    (run_dir / "figures").mkdir(parents=True)
+    manifest = {"kind": "experiment", "name": "linear-ufm/quick", "status": "complete"}
+    (run_dir / "manifest.json").write_text(json.dumps(manifest))
+    report = ["# linear-ufm", "", "summary", "", "## Figures", ""]
+    for fid, width in widths.items():
+        img = Image.new("RGB", (width, width // 2), "white")
+        img.paste((255, 0, 0), (0, 0, width // 2, width // 2))
+        img.save(run_dir / "figures" / f"{fid}.png")
+        # a caption as the experiments write them: plain text with Markdown's special characters
+        caption = f"Top K^2 outliers of G_within at Lambda_l * 2 [{fid}]\nsecond line"
+        report += [f"### {fid}", "", caption, "", f"![{fid}](figures/{fid}.png)", ""]
+    (run_dir / "report.md").write_text("\n".join(report))
+
+
+def test_make_gallery_copies_and_shrinks_the_figures_of_a_run(tmp_path):
+    from PIL import Image
+
+    gallery = make_gallery()
+    runs = tmp_path / "runs"  # a `deepufm run all` directory holding one experiment
+    _fake_run(runs / "linear-ufm", {"v1-fig3": 1800, "v1-fig4": 400})
+    out = tmp_path / "gallery"
+    assert gallery.collect([runs], out) == {"linear-ufm": ["v1-fig3", "v1-fig4"]}
+    with Image.open(out / "linear-ufm" / "v1-fig3.png") as big:
+        # at most MAX_WIDTH wide, the aspect kept, the picture itself kept (red left, white right)
+        assert big.size == (900, 450)
+        rgb = big.convert("RGB")
+        assert rgb.getpixel((100, 200)) == (255, 0, 0) and rgb.getpixel((800, 200)) == (255,) * 3
+    with Image.open(out / "linear-ufm" / "v1-fig4.png") as small:
+        assert small.size == (400, 200)  # never enlarged
+    record = json.loads((out / "linear-ufm" / "captions.json").read_text())
+    assert record["experiment"] == "linear-ufm" and record["preset"] == "quick"
+    # the caption's two lines are joined
+    assert record["captions"]["v1-fig3"] == (
+        "Top K^2 outliers of G_within at Lambda_l * 2 [v1-fig3] second line"
+    )
+
+    page = gallery.gallery_page(out)
+    assert "![v1-fig3](gallery/linear-ufm/v1-fig3.png)" in page
+    assert "![v1-fig4](gallery/linear-ufm/v1-fig4.png)" in page
+    # Markdown's special characters of the caption are escaped, the command is given
+    assert "G\\_within at Lambda\\_l \\* 2 \\[v1-fig3\\]" in page
+    assert "`deepufm run linear-ufm --preset quick` → `figures/v1-fig3.png`" in page
+    # experiments without images keep their table only
+    assert "gallery/relu-ufm" not in page and "| `v1-fig9` |" in page
+
+    # a second collection replaces the experiment's images: a figure gone from the run goes
+    (runs / "linear-ufm" / "figures" / "v1-fig4.png").unlink()
+    report = runs / "linear-ufm" / "report.md"
+    report.write_text(report.read_text().split("### v1-fig4")[0])
+    assert gallery.collect([runs / "linear-ufm"], out) == {"linear-ufm": ["v1-fig3"]}
+    assert sorted(p.name for p in (out / "linear-ufm").glob("*.png")) == ["v1-fig3.png"]
+
+    with pytest.raises(FileNotFoundError, match="no finished experiment run"):
+        gallery.collect([tmp_path / "gallery"], tmp_path / "other")
+
+
+@pytest.mark.skipif(
+    not (DOCS / "gallery").is_dir(),
+    reason="docs/gallery/ is not generated yet: deepufm run all --preset quick --out runs/gallery; "
+    "deepufm run mnist-resnet --preset quick --out runs/gallery-mnist; "
+    "python docs/make_gallery.py runs/gallery runs/gallery-mnist",
+)
+def test_gallery_has_every_figure_of_the_quick_experiments():
+    from deepufm.experiments.registry import EXPERIMENTS
+
+    gallery = make_gallery()
+    page = GALLERY.read_text()
+    missing = []
+    for name in gallery.SOURCES:
+        for item in EXPERIMENTS[name].items:
+            if "table" in item.id:  # a table has no image
+                continue
+            src = f"gallery/{name}/{item.id}.png"
+            if not (DOCS / src).is_file() or f"]({src})" not in page:
+                missing.append(src)
+    assert missing == []
+    total = sum(p.stat().st_size for p in (DOCS / "gallery").rglob("*.png"))
+    assert total < 8e6, f"the committed images take {total / 1e6:.1f} MB"
 
 
 def test_hook_rewrites_roles_and_specification_references():
