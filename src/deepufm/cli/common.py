@@ -32,7 +32,7 @@ def parse_int_list(text: str) -> list[int]:
 
 def add_model_arguments(p: argparse.ArgumentParser) -> None:
     """The deep-UFM flags. Defaults are ``None`` so that flags given can be told from defaults."""
-    g = p.add_argument_group("model (THEORY §1, §3)")
+    g = p.add_argument_group("model (the deep UFM of v1 §3 / v2 §2; docs: Concepts)")
     g.add_argument("--K", type=int, help="number of classes (>= 2) [default: 3]")
     g.add_argument("--n", type=int, help="samples per class (>= 1) [default: 40]")
     g.add_argument("--d", type=int, help="width of the layers (>= K) [default: 60]")

@@ -15,8 +15,8 @@ def register(sub) -> None:
         "theory",
         help="print the closed-form constants and predicted spectra of a configuration",
         description=(
-            "Closed-form theory of the deep linear UFM at deep neural collapse (THEORY §4, §6, "
-            "§8): threshold, output scale c (MSE) or logit scale alpha (CE), optimum loss, and "
+            "Closed-form theory of the deep linear UFM at deep neural collapse (docs: "
+            "Concepts, Predictions at the optimum): threshold, output scale c (MSE) or logit scale alpha (CE), optimum loss, and "
             "per layer the predicted eigenvalues of every matrix, with the theorem each comes "
             "from in the paper's v1 and v2 numbering."
         ),

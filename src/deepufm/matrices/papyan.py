@@ -53,7 +53,11 @@ from deepufm.matrices.operator import SymmetricMatrix
 from deepufm.matrices.structured import JacobianGram, KroneckerGram, RowGram
 from deepufm.models.ufm import DeepUFM
 
-FORMS = {"mse": "mse (unit weights, THEORY M3)", "ce": "ce-loss-hessian-weighted (Papyan 2020)"}
+# stored in every decomposition (and in results); the MSE form is the paper's (v1 Thm 4.2, v2 Thm 2)
+FORMS = {
+    "mse": "mse (unit weights, v1 Thm 4.2 / v2 Thm 2)",
+    "ce": "ce-loss-hessian-weighted (Papyan 2020)",
+}
 
 
 @dataclass(frozen=True)
@@ -64,7 +68,7 @@ class PapyanDecomposition:
         gauss_newton: ``G_l`` (the layer Hessian ``H_l`` of a deep UFM; the Gauss–Newton part of
             a curved network's layer Hessian).
         class_, cross, within: the three terms of the decomposition (module docstring).
-        form: ``"mse (unit weights, THEORY M3)"`` or
+        form: ``"mse (unit weights, v1 Thm 4.2 / v2 Thm 2)"`` or
             ``"ce-loss-hessian-weighted (Papyan 2020)"`` (module docstring).
     """
 
@@ -142,7 +146,7 @@ def labelled_papyan(A: Tensor, H: Tensor, y: Tensor, K: int, form: str) -> Papya
         G_within = 1/N sum_n sum_r (v_{nr} - v_{c_n r})(v_{nr} - v_{c_n r})^T
 
     sum exactly to ``G`` (the cross terms of each centring vanish within a class), and for
-    ``n_c = N/K`` are THEORY M3 (``K n_c / N = 1``, ``n_c / N = 1/K``).
+    ``n_c = N/K`` are the paper's (v2 Thm 2; ``K n_c / N = 1``, ``n_c / N = 1/K``).
 
     Args:
         A: ``(R, d_out)`` rows shared by every sample (linear MSE: all four matrices are then
@@ -170,7 +174,7 @@ def labelled_papyan(A: Tensor, H: Tensor, y: Tensor, K: int, form: str) -> Papya
     balanced = bool((n_c == n_c[0]).all())
     if A.dim() == 2:
         a_bar = A.mean(dim=0, keepdim=True)
-        if balanced:  # K n_c / N = 1 and n_c / N = 1 / K: THEORY M3 as written
+        if balanced:  # K n_c / N = 1 and n_c / N = 1 / K: the paper's form as written
             class_ = KroneckerGram(a_bar, means)
             cross = KroneckerGram((A - a_bar) / math.sqrt(K), means)
         else:

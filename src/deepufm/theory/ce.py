@@ -48,7 +48,7 @@ def ce_logit_scale(config: UFMConfig) -> float:
             "lam",
             config.lam if config.lam is not None else (list(config.lam_W), config.lam_H),
             "a regularisation for which the CE logit-scale equation has a root",
-            f"max over alpha of the log-form equation is {f(a_star):.4g} < 0 (THEORY §8).",
+            f"max over alpha of the log-form equation is {f(a_star):.4g} < 0 (v2 eq. 9).",
         )
     hi = max(2 * a_star, 1.0)
     while f(hi) > 0:

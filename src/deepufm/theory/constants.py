@@ -53,7 +53,7 @@ def dnc_constant(b: float, L: int) -> float:
     if b >= bc:
         warnings.warn(
             f"b = {b:.6g} >= b_crit(L={L}) = {bc:.6g}: the DNC critical point exists but the zero "
-            "solution has lower loss (THEORY §4.2).",
+            "solution has lower loss (v1 eq. 2, v2 eq. 17).",
             stacklevel=2,
         )
     if b == g_max:

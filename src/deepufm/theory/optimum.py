@@ -109,7 +109,9 @@ def ce_dnc_point(config: UFMConfig, seed: int | None = None) -> DeepUFM:
     with ``R = (Q ⊗ 1_n)/sqrt(n)`` and balanced singular values ``lam_l s_l^2 = lam_H s_H^2``.
     """
     if config.loss != "ce" or config.activation != "linear":
-        raise ConfigError("loss", config.loss, "ce with activation linear (THEORY §8)")
+        raise ConfigError(
+            "loss", config.loss, "ce with activation linear (v2 App. B, Definition 3)"
+        )
     k = ce_constants(config)
     K, n, dtype = config.K, config.n, config.torch_dtype
     Q = simplex_basis(K, dtype)

@@ -56,7 +56,7 @@ def check_admissible(config: UFMConfig, allow_trivial: bool = False) -> None:
                 value,
                 f"regularisation below the threshold b < b_crit(L={L}) = {bc:.6g}",
                 f"Here b = K (n lam_H prod lam_l)^(1/(L+1)) = {b:.6g} is at or above the threshold, "
-                f"so the zero solution is then the global optimum (THEORY §4.2). The largest "
+                f"so the zero solution is then the global optimum (v1 eq. 2, v2 eq. 17). The largest "
                 f"admissible single lam for K={K}, n={n}, L={L} is {max_single_lambda(K, n, L):.6g}; "
                 "pass --allow-trivial to train anyway.",
             )
@@ -70,6 +70,6 @@ def check_admissible(config: UFMConfig, allow_trivial: bool = False) -> None:
             value,
             f"a regularisation for which the CE logit-scale equation has a root "
             f"(effective lam <= {lam_max:.6g} for K={K}, n={n}, L={L})",
-            "Without a root there is no DNC critical point (THEORY §8); pass --allow-trivial "
+            "Without a root there is no DNC critical point (v2 eq. 9); pass --allow-trivial "
             "to train anyway.",
         )

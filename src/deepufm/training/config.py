@@ -24,7 +24,7 @@ class TrainConfig:
         checkpoint_every: seconds of training between atomic checkpoints (one is also written at
             the end). Checkpoints do not change the trajectory.
         allow_trivial: train even when the regularisation is above the threshold where the zero
-            solution is the global optimum (THEORY §4.2).
+            solution is the global optimum (v1 eq. 2, v2 eq. 17; docs: Concepts, Deep neural collapse).
     """
 
     lr: float = 0.5

@@ -1,6 +1,6 @@
 """Hand-derived gradients of the deep-UFM objective and the fused in-place gradient step.
 
-Notation (THEORY §1, §5 M4): ``R = dD/dZ`` is ``(Z - Y)/N`` (MSE) or ``(softmax(Z) - Y)/N`` (CE),
+Notation (docs: Concepts, Deep unconstrained feature models): ``R = dD/dZ`` is ``(Z - Y)/N`` (MSE) or ``(softmax(Z) - Y)/N`` (CE),
 ``(K, N)``. The data gradient of layer ``l`` is ``Delta_{l+1} H_l^T`` with ``Delta_{l+1}`` the error
 at the output of ``W_l``, and ``dD/dH_1 = Delta_1``.
 
@@ -250,7 +250,7 @@ class FusedStep:
         """The ReLU step without momentum, as a tight loop.
 
         ``grad W_l = Delta_{l+1} H_l^T`` and ``Delta_l = [U_l >= 0] * (W_l^T Delta_{l+1})``
-        (``sigma'(0) = 1``, THEORY §3). At the first layer ``grad W_1`` goes to ``G`` (``d x d``)
+        (``sigma'(0) = 1``, docs: Concepts, Conventions). At the first layer ``grad W_1`` goes to ``G`` (``d x d``)
         so that ``H1 <- beta H1 + alpha W_1^T Delta_2`` is one ``addmm_`` with the old ``W_1``.
         """
         P, T, L = self.params, self.T, len(self.params) - 1

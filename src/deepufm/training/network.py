@@ -1,4 +1,4 @@
-"""Large-batch gradient descent for a real network with a deep linear head (THEORY §10).
+"""Large-batch gradient descent for a real network with a deep linear head (v2 §5, App. G.2).
 
 :func:`train` runs :class:`~deepufm.models.resnet.ResNetUFM` on a
 :class:`~deepufm.data.ClassificationData` with SGD (optional heavy-ball momentum), the paper's
@@ -246,9 +246,9 @@ class NetworkTrainConfig:
 
 # -- presets ----------------------------------------------------------------------------------------
 
-# The paper's settings (THEORY §10, v2 App. G.2): 5,000 images per class, batch 10,000, MNIST-like
+# The paper's settings (v2 App. G.2): 5,000 images per class, batch 10,000, MNIST-like
 # sets 4,000 epochs at lr 0.04 halved at 2,000, CIFAR-10 5,000 at 0.05 halved at 2,500; width 64,
-# lam 5e-3, lam_H 1e-6 (provisional, THEORY §10). GPU-sized: float32 on CUDA.
+# lam 5e-3, lam_H 1e-6 (provisional: the paper does not state them). GPU-sized: float32 on CUDA.
 _PAPER = {"batch_size": 10_000, "dtype": "float32", "device": "cuda", "checkpoint_every_epochs": 50}
 _PAPER_MNIST = _PAPER | {"per_class": 5000, "epochs": 4000, "lr": 0.04, "lr_halve_at": (2000,)}
 _PAPER_CIFAR = _PAPER | {"per_class": 5000, "epochs": 5000, "lr": 0.05, "lr_halve_at": (2500,)}

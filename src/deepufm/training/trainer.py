@@ -82,7 +82,7 @@ def train(
 
     With ``run_dir`` the probe records are appended to ``metrics.jsonl`` and checkpoints written;
     SIGINT/SIGTERM then write a checkpoint and raise :class:`~deepufm.errors.Interrupted`.
-    The regularisation must be below the threshold of the zero solution (THEORY §4.2) unless
+    The regularisation must be below the threshold of the zero solution (v1 eq. 2, v2 eq. 17) unless
     ``cfg.allow_trivial``; a run that ends at the zero solution anyway warns.
     """
     from deepufm.theory import check_admissible
@@ -182,7 +182,8 @@ def _warn_if_zero(model: DeepUFM, cfg: TrainConfig) -> None:
     warnings.warn(
         f"training ended at the zero solution (every output is 0) after {cfg.epochs} epochs with "
         f"lr={cfg.lr}: {threshold}. Below the threshold a smaller learning rate (--lr) avoids "
-        "it; above, the zero solution is the global optimum (THEORY §4.2).",
+        "it; above, the zero solution is the global optimum (v1 eq. 2, v2 eq. 17; docs: "
+        "Concepts, Deep neural collapse).",
         stacklevel=3,
     )
 
