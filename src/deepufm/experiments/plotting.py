@@ -34,6 +34,8 @@ from matplotlib.ticker import (
     NullLocator,
 )
 
+from deepufm.experiments.checks import TRAINED_RANK_RTOL
+
 STYLE = {
     "figure.dpi": 110,
     "savefig.dpi": 150,
@@ -45,14 +47,21 @@ STYLE = {
 }
 """Matplotlib rc settings of every experiment figure."""
 
-ZERO_RTOL = 1e-8
+ZERO_RTOL = TRAINED_RANK_RTOL
 """Default relative zero rule of the spectrum figures: the reports' rank rule for trained states
-(``experiments.checks.TRAINED_RANK_RTOL``; restated here to keep plotting import-light)."""
+(``experiments.checks.TRAINED_RANK_RTOL``), so a figure's zero count is the report's."""
 
 GROUP_RTOL = 1e-3
 """Outliers within this relative distance of their neighbour form one rug cluster (``×m``)."""
 
-OUTLIER_COLOUR, SECOND_COLOUR, ZERO_COLOUR, BULK_COLOUR = "C3", "C1", "0.55", "0.6"
+OUTLIER_COLOUR = "C3"
+"""Colour of the predicted outliers (rugs, scree points)."""
+SECOND_COLOUR = "C1"
+"""Colour of a second predicted group (the small eigenvalue of v1 Fig. 13, the K-1 CE spikes)."""
+ZERO_COLOUR = "0.55"
+"""Colour of the numerical zeros where they are drawn (at the threshold, as triangles)."""
+BULK_COLOUR = "0.6"
+"""Colour of the bulk histogram."""
 
 
 def new_figure(
@@ -212,12 +221,19 @@ def _power_label(v: float, _=None) -> str:
     return f"{10.0**e:g}" if -2 <= e <= 3 else f"1e{e}"
 
 
+class _PlainLogFormatter(LogFormatter):
+    """matplotlib's choice of which log ticks to label, each label as ``%.3g`` plain text."""
+
+    def __call__(self, x, pos=None):
+        return f"{x:.3g}" if super().__call__(x, pos) else ""
+
+
 def plain_log(axis) -> None:
     """Plain-text labels (``1e-08``, ``0.01``, ``100``) on a log ``axis`` (``ax.xaxis`` /
     ``ax.yaxis``), minor ticks labelled when few decades show, as matplotlib's default does, but
     without mathtext, whose layout dominates the drawing time of these figures."""
-    axis.set_major_formatter(LogFormatter())
-    axis.set_minor_formatter(LogFormatter(labelOnlyBase=False, minor_thresholds=(1, 0.4)))
+    axis.set_major_formatter(_PlainLogFormatter())
+    axis.set_minor_formatter(_PlainLogFormatter(labelOnlyBase=False, minor_thresholds=(1, 0.4)))
 
 
 def _integer_log_counts(ax) -> None:
@@ -373,8 +389,8 @@ def spectra_over_epochs(
     if equalise:
         ys = np.concatenate([np.asarray(ax.get_ylim()) for ax in axes[1]])
         span = max(abs(ys - 1).max(), 1e-3)
-        for ax in axes[1]:
-            ax.set_ylim(1 - 1.1 * span, 1 + 1.1 * span)
+        for ax in axes[1]:  # lambda_i / mean >= 0: no room below 0
+            ax.set_ylim(max(1 - 1.1 * span, -0.05), 1 + 1.1 * span)
     merged_legend(fig, axes[-1], ncol=3)
     return fig
 
@@ -492,7 +508,7 @@ def top_eigenvalues_figure(
         ax.set_xlabel("index")
         ax.set_ylabel("eigenvalue")
         plain_log(ax.yaxis)
-        ax.set_title(f"{name} (layer {layer}), epoch {record['epoch']}")
+        ax.set_title(f"{name} (layer {layer})\nepoch {record['epoch']}")
     _shared_ylim(axes[0])
     merged_legend(fig, axes[0])
     return fig
