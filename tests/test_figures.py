@@ -89,6 +89,8 @@ def legend_outside(fig, ax) -> None:
     overlap_x = min(lb.x1, ab.x1) - max(lb.x0, ab.x0)
     overlap_y = min(lb.y1, ab.y1) - max(lb.y0, ab.y0)
     assert overlap_x <= 0 or overlap_y <= 0, (lb, ab)
+    fb = fig.bbox  # and whole inside the figure: nothing clipped on save
+    assert fb.x0 - 1 <= lb.x0 and lb.x1 <= fb.x1 + 1 and fb.y0 - 1 <= lb.y0, (lb, fb)
 
 
 def test_curves_mark_epoch_zero_style_the_diagonal_apart_and_keep_legends_outside():
@@ -151,6 +153,17 @@ def test_top_eigenvalues_figure_shares_the_value_axis_and_shows_counts():
     assert texts(a, "count") == [" 9 "] and texts(b, "count") == [" 3 "]
     assert "layer 2" in a.get_title() and "epoch 7" in b.get_title()
     legend_outside(fig, b)
+    # a two-panel figure: the merged legend fits although it is wider than its column
+    fig2 = P.spectra_over_epochs(
+        {0: {"h": np.array([3.0, 2.0, 1.0, 0.1])}, 9: {"h": np.array([1.0, 1.0, 1.0, 0.0])}},
+        "h",
+        3,
+        "H_l",
+        1,
+        1.0,
+    )
+    legend_outside(fig2, fig2.axes[-1])
+    plt.close(fig2)
     plt.close(fig)
 
 

@@ -137,7 +137,7 @@ def _figures(
         axes[0, 0],
         [ep[i] for i in early],
         f[early],
-        f"alignment f_cc' of mu'_c ⊗ mu_c' with H_l (layer {l})",
+        f"f_cc' of mu'_c ⊗ mu_c' with H_l (layer {l})",
         "f",
         1.0,
         1.0,

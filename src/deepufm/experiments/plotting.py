@@ -131,16 +131,24 @@ def finalise(fig) -> None:
     ]
     if below and not hasattr(fig, "legend_band"):  # finalise may run twice: add the band once
         tallest = max(leg.get_window_extent(renderer).height for _, leg in below)
-        fig.legend_band = tallest / fig.dpi + 0.1  # inches, with a margin
+        fig.legend_band = tallest / fig.dpi + 0.15  # inches, with a margin
         fig.set_figheight(fig.get_figheight() + fig.legend_band)
     band = getattr(fig, "legend_band", 0.0)
     height = fig.get_figheight()
     with plt.rc_context(STYLE):
         fig.tight_layout(rect=(0, band / height, 1, 1))
+    fig_width = fig.bbox.width
     for ax, leg in below:
         pos = ax.get_position()
+        # centred under its axes, but shifted (and, if need be, the figure widened) so that a
+        # legend wider than its column stays whole inside the figure
+        half = leg.get_window_extent(renderer).width / fig_width / 2
+        if half > 0.5:
+            fig.set_figwidth(fig.get_figwidth() * 2 * half * 1.02)
+            half = 0.5 / 1.02
+        x = min(max(pos.x0 + pos.width / 2, half), 1 - half)
         y = (band - 0.05) / height
-        leg.set_bbox_to_anchor((pos.x0 + pos.width / 2, y), transform=fig.transFigure)
+        leg.set_bbox_to_anchor((x, y), transform=fig.transFigure)
 
 
 def setting(cfg, epochs: int | None = None) -> str:
@@ -270,7 +278,7 @@ def spectrum_panel(
     _integer_log_counts(ax)
     ax.set_xscale("log")
     plain_log(ax.xaxis)
-    ax.xaxis.set_major_locator(LogLocator(base=10, numticks=7))
+    ax.xaxis.set_major_locator(LogLocator(base=10, numticks=5))
     ax.xaxis.set_minor_locator(NullLocator())  # 10+ decades: decade ticks say it all
     # the rug: one tick per outlier on the axis, each cluster's multiplicity above it
     ax.vlines(
@@ -391,7 +399,7 @@ def spectra_over_epochs(
         span = max(abs(ys - 1).max(), 1e-3)
         for ax in axes[1]:  # lambda_i / mean >= 0: no room below 0
             ax.set_ylim(max(1 - 1.1 * span, -0.05), 1 + 1.1 * span)
-    merged_legend(fig, axes[-1], ncol=3)
+    merged_legend(fig, axes[-1], ncol=min(3, len(epochs)))  # never wider than the figure
     return fig
 
 
@@ -510,7 +518,7 @@ def top_eigenvalues_figure(
         plain_log(ax.yaxis)
         ax.set_title(f"{name} (layer {layer})\nepoch {record['epoch']}")
     _shared_ylim(axes[0])
-    merged_legend(fig, axes[0])
+    merged_legend(fig, axes[0], ncol=min(3, len(panels)))
     return fig
 
 
