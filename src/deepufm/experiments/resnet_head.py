@@ -421,7 +421,7 @@ def _figures(
         ids["weights"],
         f"Spectrum of W_l^T W_l over training: K = {K} outliers (red rug) leave the bulk; "
         f"numerical zeros (|λ| ≤ {P.ZERO_RTOL:.0e}·λ_max) counted in each title.",
-        P.spectra_over_epochs(snaps, "weight_gram", K, "W_l^T W_l", l, None),
+        P.spectra_over_epochs(snaps, "weight_gram", K, "W_l^T W_l", l, None, equalise=False),
     )
     rows = [r for r in records if "sv_align_left" in r]
     epochs = [r["epoch"] for r in rows]
