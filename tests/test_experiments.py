@@ -221,3 +221,26 @@ def test_run_puts_the_models_on_the_device_given(tmp_path, monkeypatch):
     assert json.loads((out / "config.json").read_text())["model"]["device"] == "cpu"
     assert json.loads((out / "results.json").read_text())["config"]["model"]["device"] == "cpu"
     assert seen == [torch.device("cpu")]
+
+
+@pytest.mark.parametrize("activation", ["linear", "relu"])
+def test_probe_rows_are_layer_report_rows(activation):
+    """One schema: every key of a spectral-probe row (but the per-layer ReLU list) is a
+    ``LayerReport`` field with the value ``layer_report`` gives at the same point, knockouts
+    included (the exact ``dec.knockouts()`` route, no ``G - G_X`` subtraction)."""
+    from deepufm.experiments.probes import PROBE_KEYS, SpectralProbe
+    from deepufm.matrices import papyan_decomposition
+    from deepufm.metrics.layer_report import KEYS, layer_report
+
+    cfg = UFMConfig(K=3, n=4, d=5, L=3, lam=0.01, activation=activation, seed=1)
+    model = DeepUFM.init(cfg)
+    row = SpectralProbe(layer=2, snapshot_epochs=(7,))(model, 7)
+    assert set(PROBE_KEYS) <= set(KEYS)
+    extra = {"negative_fraction_by_layer"} if activation == "relu" else set()
+    assert set(row) == set(PROBE_KEYS) | extra
+    ref = layer_report(model, 2).to_dict()
+    for key in PROBE_KEYS:
+        assert row[key] == ref[key], key
+    ko = papyan_decomposition(model, 2).knockouts()
+    for name, vals in row["knockout_eigenvalues"].items():
+        assert vals == ko[name].eigvalsh()[: 3 * 3 + 3].tolist()

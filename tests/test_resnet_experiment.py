@@ -68,7 +68,11 @@ def test_mnist_resnet_experiment_end_to_end(tmp_path, tiny_network):
     assert (out / "params.npz").is_file() or (out / "checkpoint.pt").is_file()
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     last = records[-1]
-    assert last["epoch"] == 4 and len(last["f"]) == 10 and len(last["sv_align_left"]) == 10
+    assert (
+        last["epoch"] == 4
+        and len(last["eigvec_alignment"]) == 10
+        and len(last["sv_align_left"]) == 10
+    )
 
 
 def test_cifar_resnet_runs_on_cifar_files_and_names_missing_ones(tmp_path, tiny_network, capsys):

@@ -119,7 +119,7 @@ def _figures(
         "epochs; dashed: predicted Lambda_l.",
         P.spectra_over_epochs(snaps, "hessian", K * K, "H_l", Lam),
     )
-    ep, f = P.matrix_series(records, "f")
+    ep, f = P.matrix_series(records, "eigvec_alignment")
     early = [i for i, e in enumerate(ep) if e <= 1000]
     fig, axes = P.new_figure()
     P.curves_panel(
@@ -139,19 +139,24 @@ def _figures(
         "v1-fig5",
         "Top eigenvalues of the layer Hessian and of the G_within knockout (no outlier removed).",
         P.top_eigenvalues_figure(
-            last, [("H_l", "hessian_top", None), ("H_l - G_within", "knockout_within", None)], Lam
+            last,
+            [
+                ("H_l", "hessian_eigenvalues", None),
+                ("H_l - G_within", "knockout_eigenvalues.within", None),
+            ],
+            Lam,
         ),
     )
     pairs = [
-        ("H_l - G_cross", "knockout_cross", K),
-        ("H_l - G_class", "knockout_class", K * (K - 1)),
+        ("H_l - G_cross", "knockout_eigenvalues.cross", K),
+        ("H_l - G_class", "knockout_eigenvalues.class", K * (K - 1)),
     ]
     add(
         "v1-fig6",
         "Knockouts: removing G_cross leaves K outliers, removing G_class leaves K(K-1).",
         P.top_eigenvalues_figure(last, pairs, Lam),
     )
-    ep_g, g = P.matrix_series(records, "gamma")
+    ep_g, g = P.matrix_series(records, "gradient_coefficients")
     fig, axes = P.new_figure()
     P.curves_panel(
         axes[0, 0],
@@ -209,7 +214,7 @@ def _figures(
         "v2-fig2",
         "v2 Fig. 2: the K^2 Hessian outliers converge to one value.",
         P.outlier_curves_figure(
-            records, "hessian_top", K * K, f"top K^2 eigenvalues of H_l (layer {l})", Lam
+            records, "hessian_eigenvalues", K * K, f"top K^2 eigenvalues of H_l (layer {l})", Lam
         ),
     )
     add(

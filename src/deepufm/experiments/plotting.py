@@ -149,6 +149,15 @@ def spectra_over_epochs(
     return fig
 
 
+def lookup(record: dict, key: str):
+    """``record[key]``, where ``key`` may name a nested entry as ``"outer.inner"`` (e.g.
+    ``"knockout_eigenvalues.cross"``)."""
+    value = record
+    for part in key.split("."):
+        value = value[part]
+    return value
+
+
 def top_eigenvalues_figure(
     record: dict,
     panels: Sequence[tuple[str, str, int | None]],
@@ -162,7 +171,7 @@ def top_eigenvalues_figure(
     """
     fig, axes = new_figure(ncols=len(panels))
     for ax, (name, key, expect) in zip(axes[0], panels):
-        vals = np.clip(record[key], 1e-18, None)
+        vals = np.clip(lookup(record, key), 1e-18, None)
         ax.semilogy(range(1, len(vals) + 1), vals, "o")
         ax.axhline(
             predicted, color="k", ls="--", lw=0.9, label=f"{reference_label} {predicted:.4g}"

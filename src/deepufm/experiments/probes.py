@@ -9,36 +9,50 @@ from typing import Any
 import numpy as np
 import torch
 
-from deepufm.matrices import (
-    backprop_error_matrix,
-    data_gradient,
-    feature_gram,
-    gradient_covariance,
-    layer_hessian,
-    papyan_decomposition,
-    weight_gram,
-)
-from deepufm.metrics import (
-    class_means,
-    effective_rank,
-    eigvec_alignment_matrix,
-    gradient_coefficients,
-    nc1,
-)
+from deepufm.metrics.layer_report import LayerMeasurement
 from deepufm.metrics.spectral import negative_fraction
 from deepufm.models.ufm import DeepUFM
+
+PROBE_KEYS: tuple[str, ...] = (
+    "layer",
+    "hessian_eigenvalues",
+    "effective_rank_hessian",
+    "eigvec_alignment",
+    "gradient_coefficients",
+    "knockout_eigenvalues",
+    "weight_singular_values",
+    "effective_rank_weight",
+    "feature_gram_eigenvalues",
+)
+"""The :class:`~deepufm.metrics.layer_report.LayerReport` keys a probe row carries: the cheap
+ones (no ranks, no certified eigenvectors). NC1 and the frame distance of every layer are in the
+collapse probe's ``nc1`` / ``orthogonal_frame_distance`` lists (``nc1[l - 1]`` is this layer's)."""
+
+SNAPSHOT_SPECTRA: dict[str, str] = {
+    "hessian": "hessian_spectrum",
+    "weight_gram": "weight_gram_spectrum",
+    "grad_cov": "grad_cov_spectrum",
+    "backprop": "backprop_spectrum",
+    "feature_gram": "feature_gram_spectrum",
+}
+"""Snapshot array name -> the :class:`LayerMeasurement` full spectrum it stores (descending)."""
 
 
 @dataclass
 class SpectralProbe:
-    """At each probe: for ``layer``, the top Hessian eigenvalues, ``f_cc'``, ``gamma_cc'``, the
-    knockouts and the top ``W^T W`` eigenvalues go into ``metrics.jsonl``; at ``snapshot_epochs``
-    the full spectra are kept in ``snapshots`` (written to ``path``, ``spectra.npz``, as each is
-    taken, so that a resumed run keeps them: :meth:`load`).
+    """At each probe: the :data:`PROBE_KEYS` of ``layer`` (computed by
+    :class:`~deepufm.metrics.layer_report.LayerMeasurement`, the one schema of ``deepufm
+    analyze`` and ``results.json``: ``hessian_eigenvalues``, ``eigvec_alignment`` (``f_cc'``),
+    ``gradient_coefficients`` (``gamma_cc'``), ``knockout_eigenvalues`` ``{class, cross,
+    within}`` from the exact ``dec.knockouts()``, ...) go into ``metrics.jsonl``; at
+    ``snapshot_epochs`` the full spectra of :data:`SNAPSHOT_SPECTRA` are kept in ``snapshots``
+    (written to ``path``, ``spectra.npz``, as each is taken, so that a resumed run keeps them:
+    :meth:`load`).
 
     ReLU models (THEORY §7): pre-activations ``>= -relu_tol * max|u|`` count as non-negative
-    (sigma'(0) = 1), also in ``negative_fraction``; with ``zero_below > 0`` the measurements are
-    taken on a copy whose parameter entries below it are set to 0 (training is not touched).
+    (sigma'(0) = 1), also in ``negative_fraction_by_layer`` (``u^(2) .. u^(L)``); with
+    ``zero_below > 0`` the measurements are taken on a copy whose parameter entries below it are
+    set to 0 (training is not touched).
     """
 
     layer: int
@@ -48,50 +62,25 @@ class SpectralProbe:
     snapshots: dict[int, dict[str, np.ndarray]] = field(default_factory=dict)
     path: Path | None = None  # where every new snapshot is saved at once (``spectra.npz``)
 
-    def __call__(self, model: DeepUFM, epoch: int) -> dict[str, Any]:
-        K, l = model.config.K, self.layer
+    def measure(self, model: DeepUFM) -> LayerMeasurement:
+        """The lazy measurement of ``layer`` (on the zeroed copy when ``zero_below > 0``)."""
         if self.zero_below > 0:
             model = model.zeroed(self.zero_below)
-        Hs = model.features()
-        M_in, M_out = class_means(Hs[l - 1], K), class_means(Hs[l], K)
-        H = layer_hessian(model, l, self.relu_tol)
-        vals = H.eigvalsh()
-        dec = papyan_decomposition(model, l, self.relu_tol)
-        knock = {
-            f"knockout_{n}": (dec.gauss_newton - p).eigvalsh()[: K * K + K].tolist()
-            for n, p in dec.components().items()
-        }
-        w_vals = weight_gram(model, l).eigvalsh()
-        out: dict[str, Any] = {
-            "probe_layer": l,
-            "hessian_top": vals[: K * K + K].tolist(),
-            "hessian_effective_rank": effective_rank(vals),
-            "f": eigvec_alignment_matrix(H, M_out, M_in).tolist(),
-            "gamma": gradient_coefficients(
-                data_gradient(model, l, self.relu_tol), M_out, M_in
-            ).tolist(),
-            "weight_gram_top": w_vals[: K + 2].tolist(),
-            "feature_gram_top": feature_gram(model, l).eigvalsh()[: K + 1].tolist(),
-            "nc1_probe_layer": nc1(Hs[l - 1], K),
-            **knock,
-        }
+        return LayerMeasurement(model, self.layer, relu_tol=self.relu_tol)
+
+    def __call__(self, model: DeepUFM, epoch: int) -> dict[str, Any]:
+        """One probe row for ``epoch`` (and a snapshot when ``epoch`` is a snapshot epoch)."""
+        m = self.measure(model)
+        out = m.record(PROBE_KEYS)
         if model.config.activation == "relu":
-            U = model.preactivations()
-            out["negative_fraction"] = [negative_fraction(u, self.relu_tol) for u in U[:-1]]
+            U = m.model.preactivations()
+            out["negative_fraction_by_layer"] = [
+                negative_fraction(u, self.relu_tol) for u in U[:-1]
+            ]
         if epoch in self.snapshot_epochs:
             with torch.no_grad():
                 self.snapshots[epoch] = {
-                    "hessian": vals.cpu().numpy(),
-                    "weight_gram": w_vals.cpu().numpy(),
-                    "grad_cov": gradient_covariance(model, l, self.relu_tol)
-                    .eigvalsh()
-                    .cpu()
-                    .numpy(),
-                    "backprop": backprop_error_matrix(model, l, self.relu_tol)
-                    .eigvalsh()
-                    .cpu()
-                    .numpy(),
-                    "feature_gram": feature_gram(model, l).eigvalsh().cpu().numpy(),
+                    name: getattr(m, attr).cpu().numpy() for name, attr in SNAPSHOT_SPECTRA.items()
                 }
             if self.path is not None:
                 self.save(self.path)  # at once: a resumed run needs the earlier snapshots

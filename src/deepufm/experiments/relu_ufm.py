@@ -206,7 +206,7 @@ def _tables(
 ) -> list[tuple[str, str]]:
     K, L, l = model.config.K, model.config.L, pre.layer
     classes = [f"c={c + 1}" for c in range(K)]
-    f = np.asarray(last["f"])
+    f = np.asarray(last["eigvec_alignment"])
     tables = [
         (
             f"v1 Table 1: eigenvector alignment f_cc' of mu'_c ⊗ mu_c' with H_{l} at epoch "
@@ -311,10 +311,10 @@ def _figures(
         P.top_eigenvalues_figure(
             last,
             [
-                ("H_l", "hessian_top", K * K),
-                ("H_l - G_within", "knockout_within", K * K),
-                ("H_l - G_cross", "knockout_cross", K),
-                ("H_l - G_class", "knockout_class", K * (K - 1)),
+                ("H_l", "hessian_eigenvalues", K * K),
+                ("H_l - G_within", "knockout_eigenvalues.within", K * K),
+                ("H_l - G_cross", "knockout_eigenvalues.cross", K),
+                ("H_l - G_class", "knockout_eigenvalues.class", K * (K - 1)),
             ],
             Lam,
         ),
@@ -324,9 +324,9 @@ def _figures(
         f"Spectrum of W_l^T W_l over training: K = {K} outliers at omega_l^2.",
         P.spectra_over_epochs(snaps, "weight_gram", K, "W^T W", omega2),
     )
-    rows = [r for r in records if "negative_fraction" in r]
+    rows = [r for r in records if "negative_fraction_by_layer" in r]
     epochs = [r["epoch"] for r in rows]
-    neg = np.asarray([r["negative_fraction"] for r in rows])
+    neg = np.asarray([r["negative_fraction_by_layer"] for r in rows])
     frame = np.asarray([r["orthogonal_frame_distance"] for r in rows])
     fig, axes = P.new_figure(ncols=2)
     P.curves_panel(
@@ -352,8 +352,8 @@ def _figures(
         "orthogonal-frame distance (-> 0).",
         fig,
     )
-    ep, f = P.matrix_series(records, "f")
-    ep_g, g = P.matrix_series(records, "gamma")
+    ep, f = P.matrix_series(records, "eigvec_alignment")
+    ep_g, g = P.matrix_series(records, "gradient_coefficients")
     fig, axes = P.new_figure(ncols=2)
     P.curves_panel(axes[0, 0], ep, f, f"f_cc' (layer {l})", "f", reference=1.0)
     P.curves_panel(axes[0, 1], ep_g, g, f"gamma_cc' (layer {l})", "gamma", reference=1 / K)
@@ -367,7 +367,7 @@ def _figures(
         "v2-fig5",
         "v2 Fig. 5: the K^2 ReLU Hessian outliers converge to the linear value.",
         P.outlier_curves_figure(
-            records, "hessian_top", K * K, f"top K^2 eigenvalues of H_l (layer {l})", Lam
+            records, "hessian_eigenvalues", K * K, f"top K^2 eigenvalues of H_l (layer {l})", Lam
         ),
     )
     add(
@@ -381,8 +381,8 @@ def _figures(
         P.top_eigenvalues_figure(
             last,
             [
-                ("H_l - G_cross", "knockout_cross", K),
-                ("H_l - G_class", "knockout_class", K * (K - 1)),
+                ("H_l - G_cross", "knockout_eigenvalues.cross", K),
+                ("H_l - G_class", "knockout_eigenvalues.class", K * (K - 1)),
             ],
             Lam,
         ),
@@ -393,7 +393,7 @@ def _figures(
         "mean (non-negative ReLU features) decays onto the other K-1.",
         P.outlier_curves_figure(
             records,
-            "feature_gram_top",
+            "feature_gram_eigenvalues",
             K,
             f"feature-Gram eigenvalues (layer {l})",
             k.feature_gram_eigenvalue(l),

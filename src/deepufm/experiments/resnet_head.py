@@ -30,7 +30,7 @@ from deepufm.experiments.runs import finish_spectra, track_spectra
 from deepufm.matrices import block_hessian, layer_hessian, module_hessian, weight_gram
 from deepufm.matrices.lanczos import lanczos_topk, rademacher
 from deepufm.matrices.operator import SymmetricMatrix
-from deepufm.metrics import class_means, effective_rank, outlier_count
+from deepufm.metrics import class_means, outlier_count
 from deepufm.metrics.spectral import singular_vector_alignment
 from deepufm.models.config import resolve_device
 from deepufm.models.resnet import batch_data_loss, curvature_mode
@@ -73,8 +73,9 @@ def preset(name: str, dataset: str) -> Preset:
 
 
 def head_probe(spectral: SpectralProbe) -> net.NetworkProbe:
-    """The spectral probe of the UFM experiments on the head (float64), plus the real-network
-    figures' quantities: singular-vector alignment and effective ranks of ``H_l`` and ``W_l``."""
+    """The spectral probe of the UFM experiments on the head (float64; its keys, among them
+    ``effective_rank_hessian`` and ``effective_rank_weight``, are ``layer_report``'s), plus the
+    real-network figures' singular-vector alignment ``sv_align_left`` / ``sv_align_right``."""
 
     def probe(snap: net.NetworkSnapshot) -> dict[str, Any]:
         head = snap.head().to(dtype=torch.float64)
@@ -83,12 +84,7 @@ def head_probe(spectral: SpectralProbe) -> net.NetworkProbe:
         Hs = head.features()
         W = head.W[l - 1]
         left, right = singular_vector_alignment(W, class_means(Hs[l], K), class_means(Hs[l - 1], K))
-        out.update(
-            sv_align_left=left.tolist(),
-            sv_align_right=right.tolist(),
-            erank_hessian=out["hessian_effective_rank"],
-            erank_weight=effective_rank(torch.linalg.svdvals(W)),
-        )
+        out.update(sv_align_left=left.tolist(), sv_align_right=right.tolist())
         return out
 
     return probe
@@ -282,11 +278,11 @@ def run(
 
 def _compare(last: dict, head: DeepUFM, l: int) -> list[Result]:
     K = head.config.K
-    f = np.asarray(last["f"])
-    gamma = np.asarray(last["gamma"])
+    f = np.asarray(last["eigvec_alignment"])
+    gamma = np.asarray(last["gradient_coefficients"])
     H = layer_hessian(head, l)
     vals = H.eigvalsh()
-    knock = {key: torch.tensor(last[f"knockout_{key}"]) for key in ("class", "cross", "within")}
+    knock = {key: torch.tensor(v) for key, v in last["knockout_eigenvalues"].items()}
     w_vals = weight_gram(head, l).eigvalsh()
     th = "v2 §5 / Thms 1–4"
     return [
@@ -328,8 +324,10 @@ def _compare(last: dict, head: DeepUFM, l: int) -> list[Result]:
             outlier_count(w_vals, floor=TRAINED_RANK_RTOL),
             0,
         ),
-        compare("effective rank of H_l", "v2 eq. 25", l, K * K, last["erank_hessian"], 0.2),
-        compare("effective rank of W_l", "v2 eq. 25", l, K, last["erank_weight"], 0.2),
+        compare(
+            "effective rank of H_l", "v2 eq. 25", l, K * K, last["effective_rank_hessian"], 0.2
+        ),
+        compare("effective rank of W_l", "v2 eq. 25", l, K, last["effective_rank_weight"], 0.2),
         compare(
             "min singular-vector alignment (left)",
             "v2 Fig. 16",
@@ -367,8 +365,8 @@ def _figures(
     def add(fid, caption, fig):
         figs.append((fid, caption, P.save(fig, fig_dir, fid)))
 
-    ep, f = P.matrix_series(records, "f")
-    ep_g, g = P.matrix_series(records, "gamma")
+    ep, f = P.matrix_series(records, "eigvec_alignment")
+    ep_g, g = P.matrix_series(records, "gradient_coefficients")
     fig, axes = P.new_figure(ncols=2)
     diag = {"diagonal": np.mean([g[f"({c + 1},{c + 1})"] for c in range(K)], axis=0)}
     off = [v for key, v in g.items() if key.split(",")[0][1:] != key.split(",")[1][:-1]]
@@ -383,7 +381,7 @@ def _figures(
     )
     P.curves_panel(axes[0, 1], ep_g, diag, f"gamma_cc' (head layer {l})", "gamma", reference=1 / K)
     add("v2-fig6", "v2 Fig. 6: eigenvector alignment and gradient coefficients of the head.", fig)
-    ref = float(np.mean(last["hessian_top"][: K * K]))
+    ref = float(np.mean(last["hessian_eigenvalues"][: K * K]))
     add(
         ids["hessian"],
         "Head-layer Hessian outliers and the G_cross / G_class knockouts: K^2, K and K(K-1) "
@@ -391,9 +389,9 @@ def _figures(
         P.top_eigenvalues_figure(
             last,
             [
-                ("H_l", "hessian_top", K * K),
-                ("H_l - G_cross", "knockout_cross", K),
-                ("H_l - G_class", "knockout_class", K * (K - 1)),
+                ("H_l", "hessian_eigenvalues", K * K),
+                ("H_l - G_cross", "knockout_eigenvalues.cross", K),
+                ("H_l - G_class", "knockout_eigenvalues.class", K * (K - 1)),
             ],
             ref,
             reference_label="mean of the top K^2",
@@ -422,7 +420,7 @@ def _figures(
     P.curves_panel(
         axes[0, 0],
         epochs,
-        {"H_l": [r["erank_hessian"] for r in rows]},
+        {"H_l": [r["effective_rank_hessian"] for r in rows]},
         "effective rank of the layer Hessian",
         "effective rank",
         reference=K * K,
@@ -430,7 +428,7 @@ def _figures(
     P.curves_panel(
         axes[0, 1],
         epochs,
-        {"W_l": [r["erank_weight"] for r in rows]},
+        {"W_l": [r["effective_rank_weight"] for r in rows]},
         "effective rank of W_l",
         "effective rank",
         reference=K,
@@ -438,10 +436,12 @@ def _figures(
     add("v2-fig17", "v2 Fig. 17: effective ranks of H_l (-> K^2) and W_l (-> K).", fig)
     fig, axes = P.new_figure(ncols=2)
     for ax, key, count, name in (
-        (axes[0, 0], "hessian_top", K * K, "top K^2 of H_l"),
-        (axes[0, 1], "weight_gram_top", K, "top K of W_l^T W_l"),
+        (axes[0, 0], "hessian_eigenvalues", K * K, "top K^2 of H_l"),
+        (axes[0, 1], "weight_singular_values", K, "top K of W_l^T W_l"),
     ):
         tops = np.asarray([r[key][:count] for r in rows])
+        if key == "weight_singular_values":
+            tops = tops**2  # eigenvalues of W^T W
         mean, std = tops.mean(axis=1), tops.std(axis=1)
         x = np.maximum(np.asarray(epochs, dtype=float), 0.5)
         ax.plot(x, mean, label="mean")

@@ -1,10 +1,22 @@
-"""Every per-layer quantity of ``deepufm analyze``, recomputed from the parameters alone."""
+"""Every per-layer quantity of ``deepufm analyze``, recomputed from the parameters alone.
+
+One measurement schema: :class:`LayerMeasurement` computes each quantity under its
+:class:`LayerReport` field name, lazily and once, so a caller that needs only some of them
+(the experiments' spectral probe, run many times per training run) asks for those through
+:meth:`LayerMeasurement.record` and pays for nothing else, while :func:`layer_report` asks for
+all of them. Both read the same code, so the probe rows of ``metrics.jsonl``, ``results.json``
+and ``deepufm analyze`` cannot drift apart.
+"""
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from collections.abc import Iterable
+from dataclasses import asdict, dataclass, fields
+from functools import cached_property
+from typing import Any
 
 import torch
+from torch import Tensor
 
 from deepufm.matrices import (
     backprop_error_matrix,
@@ -15,6 +27,8 @@ from deepufm.matrices import (
     papyan_decomposition,
     weight_singular_values,
 )
+from deepufm.matrices.operator import SymmetricMatrix
+from deepufm.matrices.papyan import PapyanDecomposition
 from deepufm.matrices.spectra import check_rank_rtol, numerical_rank
 from deepufm.metrics.collapse import class_means, nc1, orthogonal_frame_distance
 from deepufm.metrics.spectral import (
@@ -29,7 +43,12 @@ from deepufm.models.ufm import DeepUFM
 
 @dataclass(frozen=True)
 class LayerReport:
-    """Measurements for the weight ``W_l`` (features: its input ``H_l``). Lists are descending."""
+    """Measurements for the weight ``W_l`` (features: its input ``H_l``). Lists are descending.
+
+    ``hessian_eigenvalues`` and each ``knockout_eigenvalues[X]`` (``X`` in ``class``, ``cross``,
+    ``within``: the spectrum of ``H_l - G_X``) hold the top ``K^2 + K`` (all ``p`` with
+    ``full``); ``grad_cov``, ``backprop`` and ``feature_gram`` the top ``K``.
+    """
 
     layer: int
     hessian_eigenvalues: list[float]
@@ -50,7 +69,155 @@ class LayerReport:
     negative_fraction: float | None
 
     def to_dict(self) -> dict:
+        """The fields as a plain (JSON-ready) dict, keyed by field name."""
         return asdict(self)
+
+
+KEYS: tuple[str, ...] = tuple(f.name for f in fields(LayerReport))
+"""Every measurement key, in :class:`LayerReport` field order (the one schema)."""
+
+
+class LayerMeasurement:
+    """The quantities of :class:`LayerReport` for one layer, each computed on first use.
+
+    Intermediates (features, the layer Hessian ``H_l`` and its full spectrum, the Papyan
+    decomposition, the data gradient, the singular values of ``W_l``) are cached, so asking for
+    several keys costs each shared piece once. ``rank_rtol`` and ``relu_tol`` as in
+    :func:`layer_report`.
+    """
+
+    def __init__(
+        self,
+        model: DeepUFM,
+        layer: int,
+        rank_rtol: float | None = None,
+        relu_tol: float = 0.0,
+    ) -> None:
+        if rank_rtol is not None:
+            rank_rtol = check_rank_rtol(rank_rtol)
+        self.model, self.layer = model, layer
+        self.rank_rtol, self.relu_tol = rank_rtol, relu_tol
+        self.K = model.config.K
+        # layer validation happens here (clear error naming ``layer``), before any lazy work
+        self.hessian: SymmetricMatrix = layer_hessian(model, layer, relu_tol)
+
+    # -- shared intermediates ------------------------------------------------------------------
+
+    @cached_property
+    def features(self) -> list[Tensor]:
+        """``[H_1, ..., H_{L+1}]`` of the model (``H_{L+1}`` the logits)."""
+        return self.model.features()
+
+    @cached_property
+    def means_in(self) -> Tensor:
+        """Class means of the layer's input ``H_l``: ``(d_in, K)``."""
+        return class_means(self.features[self.layer - 1], self.K)
+
+    @cached_property
+    def means_out(self) -> Tensor:
+        """Class means of the layer's output ``H_{l+1}``: ``(d_out, K)``."""
+        return class_means(self.features[self.layer], self.K)
+
+    @cached_property
+    def hessian_spectrum(self) -> Tensor:
+        """All ``p`` eigenvalues of ``H_l``, descending."""
+        return self.hessian.eigvalsh()
+
+    @cached_property
+    def decomposition(self) -> PapyanDecomposition:
+        """Papyan's class / cross / within terms of ``G_l`` (THEORY M3)."""
+        return papyan_decomposition(self.model, self.layer, self.relu_tol)
+
+    @cached_property
+    def gradient(self) -> Tensor:
+        """The data-loss gradient of ``W_l``: ``(d_out, d_in)``."""
+        return data_gradient(self.model, self.layer, self.relu_tol)
+
+    @cached_property
+    def singular_values(self) -> Tensor:
+        """All ``min(d_out, d_in)`` singular values of ``W_l``, descending."""
+        return weight_singular_values(self.model, self.layer)
+
+    @cached_property
+    def weight_gram_spectrum(self) -> Tensor:
+        """All ``d_in`` eigenvalues of ``W_l^T W_l``: the squared singular values, then exact
+        zeros for the ``d_in - min(d_out, d_in)`` structural null directions."""
+        sv = self.singular_values
+        d_in = self.model.W[self.layer - 1].shape[1]
+        return torch.cat([sv * sv, sv.new_zeros(d_in - sv.numel())])
+
+    @cached_property
+    def grad_cov_spectrum(self) -> Tensor:
+        """All eigenvalues of the gradient covariance ``Sigma_g`` (v1 E.1), descending."""
+        return gradient_covariance(self.model, self.layer, self.relu_tol).eigvalsh()
+
+    @cached_property
+    def backprop_spectrum(self) -> Tensor:
+        """All eigenvalues of the back-propagated error matrix ``Sigma_delta`` (v1 E.2)."""
+        return backprop_error_matrix(self.model, self.layer, self.relu_tol).eigvalsh()
+
+    @cached_property
+    def feature_gram_spectrum(self) -> Tensor:
+        """All eigenvalues of ``H_l H_l^T`` (v1 E.3), descending."""
+        return feature_gram(self.model, self.layer).eigvalsh()
+
+    def _rank(self, values: Tensor) -> int:
+        top = max(float(self.hessian_spectrum[0]), 0.0)
+        return numerical_rank(values, self.hessian.size, self.rank_rtol, scale=top)
+
+    # -- the schema ------------------------------------------------------------------------------
+
+    def value(self, key: str, full: bool = False) -> Any:
+        """The JSON-ready value of one :data:`KEYS` entry (``full``: whole Hessian / knockout
+        spectra instead of the top ``K^2 + K``)."""
+        K, model, l = self.K, self.model, self.layer
+        top = None if full else K * K + K
+        if key == "layer":
+            return l
+        if key == "hessian_eigenvalues":
+            return self.hessian_spectrum[:top].tolist()
+        if key == "hessian_rank":
+            return self._rank(self.hessian_spectrum)
+        if key == "papyan_ranks":
+            parts = self.decomposition.components().items()
+            return {name: self._rank(part.eigvalsh()) for name, part in parts}
+        if key == "knockout_eigenvalues":
+            # the exact route (dec.knockouts(): low-rank forms, no cancellation), never G - G_X
+            ko = self.decomposition.knockouts().items()
+            return {name: M.eigvalsh()[:top].tolist() for name, M in ko}
+        if key == "gradient_coefficients":
+            return gradient_coefficients(self.gradient, self.means_out, self.means_in).tolist()
+        if key == "eigvec_alignment":
+            return eigvec_alignment_matrix(self.hessian, self.means_out, self.means_in).tolist()
+        if key == "projection_proportion":
+            _, vecs = self.hessian.topk(min(K * K, self.hessian.size), strict=True)
+            return projection_proportion(self.gradient, vecs)
+        if key == "weight_singular_values":
+            return self.singular_values.tolist()
+        if key == "grad_cov_eigenvalues":
+            return self.grad_cov_spectrum[:K].tolist()
+        if key == "backprop_eigenvalues":
+            return self.backprop_spectrum[:K].tolist()
+        if key == "feature_gram_eigenvalues":
+            return self.feature_gram_spectrum[:K].tolist()
+        if key == "nc1":
+            return nc1(self.features[l - 1], K)
+        if key == "orthogonal_frame_distance":
+            return orthogonal_frame_distance(self.means_in)
+        if key == "effective_rank_hessian":
+            return effective_rank(self.hessian_spectrum)
+        if key == "effective_rank_weight":
+            return effective_rank(self.singular_values)
+        if key == "negative_fraction":
+            if model.config.activation != "relu" or l >= model.config.L:
+                return None  # no ReLU follows W_l
+            U = model.W[l - 1] @ self.features[l - 1]
+            return negative_fraction(U, self.relu_tol)
+        raise ValueError(f"key={key!r} is not a layer measurement; valid keys: {', '.join(KEYS)}")
+
+    def record(self, keys: Iterable[str] = KEYS, full: bool = False) -> dict[str, Any]:
+        """``{key: value(key)}`` for ``keys`` (default: all of :data:`KEYS`)."""
+        return {key: self.value(key, full) for key in keys}
 
 
 def layer_report(
@@ -67,46 +234,8 @@ def layer_report(
     the rank rule of ``deepufm.matrices.spectra`` (``p * eps`` of the model's dtype), so a float32
     and a float64 model at the same point report the same ranks. The top-``K^2`` eigenvectors
     (projection proportion) come from the certified ``topk``: an uncertified result raises
-    :class:`~deepufm.errors.UncertifiedError` rather than a wrong number.
+    :class:`~deepufm.errors.UncertifiedError` rather than a wrong number. ``relu_tol``:
+    pre-activations ``>= -relu_tol * max|u|`` count as non-negative (also in
+    ``negative_fraction``). A subset of the quantities: :class:`LayerMeasurement`.
     """
-    if rank_rtol is not None:
-        rank_rtol = check_rank_rtol(rank_rtol)
-    cfg = model.config
-    K = cfg.K
-    Hs = model.features()
-    M_in, M_out = class_means(Hs[layer - 1], K), class_means(Hs[layer], K)
-    H = layer_hessian(model, layer, relu_tol)
-    vals = H.eigvalsh()
-    top = max(float(vals[0]), 0.0)
-    k2 = min(K * K, H.size)
-    _, vecs = H.topk(k2, strict=True)
-
-    def rank(values: torch.Tensor) -> int:
-        return numerical_rank(values, H.size, rank_rtol, scale=top)
-
-    dec = papyan_decomposition(model, layer, relu_tol)
-    ranks = {name: rank(part.eigvalsh()) for name, part in dec.components().items()}
-    knockouts = {name: M.eigvalsh()[:k2].tolist() for name, M in dec.knockouts().items()}
-    g = data_gradient(model, layer, relu_tol)
-    sv = weight_singular_values(model, layer)
-    U = model.W[layer - 1] @ Hs[layer - 1]
-    relu_layer = cfg.activation == "relu" and layer < cfg.L
-    return LayerReport(
-        layer=layer,
-        hessian_eigenvalues=(vals if full else vals[: K * K + K]).tolist(),
-        hessian_rank=rank(vals),
-        papyan_ranks=ranks,
-        knockout_eigenvalues=knockouts,
-        gradient_coefficients=gradient_coefficients(g, M_out, M_in).tolist(),
-        eigvec_alignment=eigvec_alignment_matrix(H, M_out, M_in).tolist(),
-        projection_proportion=projection_proportion(g, vecs),
-        weight_singular_values=sv.tolist(),
-        grad_cov_eigenvalues=gradient_covariance(model, layer, relu_tol).eigvalsh()[:K].tolist(),
-        backprop_eigenvalues=backprop_error_matrix(model, layer, relu_tol).eigvalsh()[:K].tolist(),
-        feature_gram_eigenvalues=feature_gram(model, layer).eigvalsh()[:K].tolist(),
-        nc1=nc1(Hs[layer - 1], K),
-        orthogonal_frame_distance=orthogonal_frame_distance(M_in),
-        effective_rank_hessian=effective_rank(vals),
-        effective_rank_weight=effective_rank(sv),
-        negative_fraction=negative_fraction(U) if relu_layer else None,
-    )
+    return LayerReport(**LayerMeasurement(model, layer, rank_rtol, relu_tol).record(KEYS, full))
