@@ -146,7 +146,7 @@ def test_relu_ufm_experiment_end_to_end(tmp_path, capsys, tiny_relu):
     assert misses[0]["note"].startswith("not reproduced") and misses[0]["layer"] == 2
     by_layer = lambda l: [r for r in results if r["layer"] == l and "Hessian" in r["quantity"]]  # noqa: E731
     # Layer 1's Jacobian carries the masks of u^(2): out of scope, with the hypothesis named.
-    assert all(r["scope"].startswith("out: Theorem 7 needs u^(2)..u^(3) >= 0") for r in by_layer(1))
+    assert all(r["scope"].startswith("out: v2 Thm 7 needs u^(2)..u^(3) >= 0") for r in by_layer(1))
     assert all("flat family" in r["note"] and "[D]" in r["note"] for r in by_layer(1))
     assert all(r["scope"] == "in" and not r["note"] for r in by_layer(2) + by_layer(3))
     rank = next(r for r in by_layer(2) if r["quantity"] == "Hessian rank")

@@ -35,6 +35,11 @@ from deepufm.theory.predictions import (
 # (p eps ~ 1e-12) that exact points use; 1e-8 is stated in every report beside the ranks.
 TRAINED_RANK_RTOL = 1e-8
 
+# The over-training rows check what the figures show, at the resolution a figure shows (1 %):
+# "f_cc' >= 0.99 from epoch X on"; the final-epoch rows check the same quantities to the preset's
+# tolerance.
+OVER_TRAINING_TOL = 1e-2
+
 
 def dnc_constants_record(k: DNCConstants) -> dict:
     """The constants of ``k`` as plain numbers, with the per-layer eigenvalues the checks use
@@ -367,6 +372,7 @@ def over_training_results(
 
 
 __all__ = [
+    "OVER_TRAINING_TOL",
     "TRAINED_RANK_RTOL",
     "check",
     "dnc_constants_record",
