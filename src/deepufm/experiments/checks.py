@@ -240,23 +240,26 @@ def _sustained(
     record: ScalarPrediction,
     layer: int,
     epochs: list[int],
-    deviation: np.ndarray,
-    tol: float,
+    predicted: float,
     measured_of: np.ndarray,
+    tol: float,
     what: str,
 ) -> Result:
-    """A claim ``deviation <= tol`` that must hold from a settling epoch to the end of training.
+    """A claim ``measured_of ~ predicted`` (as :func:`compare` judges one row: relative error,
+    absolute for a zero prediction, within ``tol``) that must hold from a settling epoch to the
+    end of training.
 
     The row holds when there is such an epoch before the last probe (at least two probes in a
-    row, the last included); ``measured`` is the worst ``measured_of`` from that epoch on (the
-    last value when it never settles); the note names the epoch.
+    row, the last included); ``measured`` is the worst value from that epoch on (the last value
+    when it never settles); the note names the epoch.
     """
+    deviation = np.abs(measured_of - predicted) / (abs(predicted) if predicted else 1.0)
     ok = deviation <= tol
     start = settling_epoch(epochs, ok.tolist())
     last = epochs[-1]
     if start is None or start == last:
         worst = float(measured_of[-1])
-        res = check(quantity, record, layer, record.value, worst, tol)
+        res = check(quantity, record, layer, predicted, worst, tol)
         note = (
             f"{what} fails at the last probe (epoch {last})"
             if start is None
@@ -266,7 +269,7 @@ def _sustained(
     tail = np.asarray(epochs) >= start
     dev = deviation[tail]
     worst = float(measured_of[tail][int(np.argmax(dev))])
-    res = check(quantity, record, layer, record.value, worst, tol)
+    res = check(quantity, record, layer, predicted, worst, tol)
     count = int(tail.sum())
     return replace(
         res,
@@ -306,13 +309,13 @@ def over_training_results(
         fmin = np.asarray([np.min(r["eigvec_alignment"]) for r in rows], dtype=float)
         out.append(
             _sustained(
-                f"min f_cc' >= {1 - tol:g} over training",
+                f"min f_cc' over training (>= {1 - tol:g} from the settling epoch on)",
                 S["eigvec_alignment"],
                 layer,
                 ep,
-                1 - fmin,
-                tol,
+                S["eigvec_alignment"].value,
                 fmin,
+                tol,
                 f"every f_cc' >= {1 - tol:g}",
             )
         )
@@ -320,32 +323,23 @@ def over_training_results(
     if rows:
         ep = [int(r["epoch"]) for r in rows]
         G = [np.asarray(r["gradient_coefficients"], dtype=float) for r in rows]
-        diag = np.asarray([np.abs(np.diag(g) - 1 / K).max() for g in G])
+        # deviations from the records' values (1/K on the diagonal, 0 off it): predicted 0
+        diag = np.asarray([np.abs(np.diag(g) - S["gamma_diagonal"].value).max() for g in G])
         off = np.asarray([np.abs(g - np.diag(np.diag(g))).max() for g in G])
-        out.append(
-            _sustained(
-                "max |gamma_cc - 1/K| over training",
-                S["gamma_diagonal"],
-                layer,
-                ep,
-                diag,
-                gamma_tol,
-                np.asarray([np.diag(g)[np.argmax(np.abs(np.diag(g) - 1 / K))] for g in G]),
-                f"every |gamma_cc - 1/K| <= {gamma_tol:g}",
-            )
-        )
-        out.append(
-            _sustained(
+        for quantity, rec, dev, what in (
+            ("max |gamma_cc - 1/K| over training", S["gamma_diagonal"], diag, "|gamma_cc - 1/K|"),
+            (
                 "max |gamma_cc'| (c != c') over training",
                 S["gamma_off_diagonal"],
-                layer,
-                ep,
                 off,
-                gamma_tol,
-                off,
-                f"every |gamma_cc'| <= {gamma_tol:g}",
+                "|gamma_cc'|",
+            ),
+        ):
+            out.append(
+                _sustained(
+                    quantity, rec, layer, ep, 0.0, dev, gamma_tol, f"every {what} <= {gamma_tol:g}"
+                )
             )
-        )
     rows = [r for r in records if len(r.get("hessian_eigenvalues") or ()) >= K * K]
     rows = [r for r in rows if float(r["hessian_eigenvalues"][K * K - 1]) > 0]
     if rows:
