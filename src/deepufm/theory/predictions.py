@@ -46,6 +46,8 @@ THEOREMS: dict[str, tuple[str, str]] = {
     "ce_global": ("—", "App. B"),
     "dnc1": ("§5 DNC1", "Def. 1"),
     "effective_rank": ("—", "eq. 25"),
+    "threshold": ("eq. 2", "eq. 17"),
+    "output_scale": ("—", "1"),
 }
 
 
