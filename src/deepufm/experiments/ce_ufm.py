@@ -107,7 +107,7 @@ def _search_note(search: MinimumSearch, n: int, d: int, lam: float) -> str:
         )
     return (
         f"Measured at {where}: all {len(search.seeds)} initialisations end at the CE DNC loss "
-        f"{search.dnc_loss:.10g} (largest excess {-search.gap:.1e}, grad norm <= "
+        f"{search.dnc_loss:.10g} (lowest loss minus DNC loss {-search.gap:.1e}, grad norm <= "
         f"{max(search.grad_norms):.1e}): no lower critical point found."
     )
 
