@@ -12,6 +12,7 @@ from deepufm.theory.predictions import theorem_label
 
 
 def register(sub) -> None:
+    """Add the ``deepufm theory`` subcommand and its options to ``sub``."""
     p = sub.add_parser(
         "theory",
         help="print the closed-form constants and predicted spectra of a configuration",
@@ -126,6 +127,8 @@ def _table(config: UFMConfig, s: dict) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
+    """``deepufm theory``: print (or ``--json``) the closed-form constants of a configuration;
+    returns the exit status."""
     config = UFMConfig.from_dict(given(args, MODEL_KEYS), source="option")
     check_admissible(config)
     summary = theory_summary(config)

@@ -66,6 +66,10 @@ class Preset:
 
 
 def preset(name: str, dataset: str) -> Preset:
+    """The ``name`` preset of the real-network experiment on ``dataset``: the network training
+    of :func:`deepufm.training.network.preset`, head layer 2, snapshots at 0, 1 %, 10 % and 100 %
+    of the epochs, 32 Hutchinson probes; the quick preset measures the whole Hessian on 2 images
+    per class."""
     training = net.preset(name, dataset)
     e = training.epochs
     snaps = tuple(sorted({0, e // 100, e // 10, e}))
@@ -113,6 +117,7 @@ class FullHessianComparison:
 
     @property
     def off_head_ratio(self) -> float:
+        """``||H_full - diag(0, H_WW)||_F / ||H_WW||_F``: the feature-map blocks against the head block."""
         return math.sqrt(max(self.full_fro**2 - self.head_fro**2, 0.0)) / self.head_fro
 
 
