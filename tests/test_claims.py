@@ -293,3 +293,22 @@ def test_scalar_predictions_carry_their_values_and_reject_bad_input():
         scalar_predictions(3, 0)
     with pytest.raises(ValueError, match="key='nope'"):
         scalar_prediction(3, 1, "nope")
+
+
+def test_relu_v1_discussion_says_which_way_each_comparison_goes():
+    from types import SimpleNamespace
+
+    assert relu_ufm.diagonal_spread(np.diag([1.0, 1.1, 0.9])) == pytest.approx(0.2)
+    eye, skew = np.eye(3), np.diag([1.07, 0.96, 0.96])
+    grams = {"table3": {1: eye, 2: eye}, "table3-linear": {1: eye, 2: eye}}
+    grams["table4"] = {1: skew, 2: eye}
+    unequal = SimpleNamespace(hessian_eigenvalues=[1.02] + [1.0] * 8, eigvec_alignment=[[0.99999]])
+    fig9, table1, table3, table4 = relu_ufm._v1_discussion(unequal, grams, 3, 2, 100, 1e-2)
+    assert "1.02" in fig9 and "still unequal by 2.0e-02" in fig9 and "as v1 reports" in fig9
+    assert "within the tolerance 0.01: the linear prediction holds" in table1
+    assert "at layers 1, 2)" in table3
+    assert "constant (spread below 0.001) at layers 2 and not at layers 1" in table4
+    assert "disagrees with v1 at the constant layers and agrees at the others" in table4
+    equal = SimpleNamespace(hessian_eigenvalues=[1.0] * 9, eigvec_alignment=[[0.9]])
+    fig9, table1, _, _ = relu_ufm._v1_discussion(equal, grams, 3, 2, 100, 1e-2)
+    assert "disagrees with v1: they do equalise" in fig9 and "as v1 finds" in table1
