@@ -312,3 +312,24 @@ def test_relu_v1_discussion_says_which_way_each_comparison_goes():
     equal = SimpleNamespace(hessian_eigenvalues=[1.0] * 9, eigvec_alignment=[[0.9]])
     fig9, table1, _, _ = relu_ufm._v1_discussion(equal, grams, 3, 2, 100, 1e-2)
     assert "disagrees with v1: they do equalise" in fig9 and "as v1 finds" in table1
+
+
+def test_model_level_records_carry_the_closed_forms():
+    from deepufm.theory import dnc_constants, dnc_optimum
+    from deepufm.theory.predictions import (
+        ce_model_predictions,
+        full_hessian_prediction,
+        relu_predictions,
+    )
+
+    relu = UFMConfig(K=3, n=2, d=7, L=4, lam=0.01, activation="relu", device="cpu")
+    point = dnc_optimum(relu, nonnegative=True)
+    R = {r.key: r for r in relu_predictions(point)}
+    assert R["loss"].value == dnc_constants(relu).loss == pytest.approx(float(point.total_loss()))
+    assert [R[f"negative_fraction_u{m}"].layer for m in (2, 3, 4)] == [2, 3, 4]
+    assert R["loss"].label == "v2 Thm 8" and R["negative_fraction_u2"].label == "v2 Def. 2"
+    ce = UFMConfig(K=3, n=4, d=6, L=3, lam=0.01, loss="ce", device="cpu")
+    C = {r.key: r for r in ce_model_predictions(ce_dnc_point(ce))}
+    assert C["alpha"].value == ce_constants(ce).alpha and C["alpha"].label == "v2 eq. 9"
+    assert C["loss"].value == pytest.approx(float(ce_dnc_point(ce).total_loss()), rel=1e-12)
+    assert full_hessian_prediction(10).value == 0.1
