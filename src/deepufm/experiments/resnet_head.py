@@ -302,14 +302,15 @@ def run(
             "The head is not at a closed-form optimum (its input features are a network's "
             "output, not free), so the predictions compared are structural: counts, alignments "
             "and coefficients.",
-            "Tolerances (" + ", ".join(f"{key} {v:g}" for key, v in T.items()) + "; counts "
-            "exact) are bounded below by the training residue, measured here: the top K^2 "
-            f"Hessian eigenvalues of head layer {l} spread by std/mean = "
-            f"{residue['outlier_spread']:.3g} (0 at DNC) and the head input has NC1 = "
-            f"{residue['nc1']:.3g}. An equality of the theory can hold only to about that "
-            "residue. The tolerances are a choice, set above what the quick MNIST preset "
-            "measured when it was tuned (min f_cc' 0.945, max |gamma_cc - 1/K| 0.012, "
-            "effective ranks 98.8 of 100 and 10.4 of 10), not derived from the theory.",
+            "Tolerances: " + ", ".join(f"{key} {v:g}" for key, v in T.items()) + " (counts "
+            "exact). The training residue measured here says how far the head is from an "
+            "exact DNC point: the top K^2 Hessian eigenvalues of head layer "
+            f"{l} spread by std/mean = {residue['outlier_spread']:.3g} (0 at DNC) and the head "
+            f"input has NC1 = {residue['nc1']:.3g}; the equalities of the theory can only hold "
+            "approximately, and the tolerances are of the order of that residue. They are a "
+            "choice, set above what the quick MNIST preset measured when it was tuned (min "
+            "f_cc' 0.945, max |gamma_cc - 1/K| 0.012, effective ranks 98.8 of 100 and 10.4 of "
+            "10), not derived from the theory.",
             "The setting departs from the paper's (table 'Departures from the paper'): the "
             "quick preset trains a few images per class, a narrower network and fewer epochs "
             "with momentum, in float32, to fit two CPU cores; its numbers say whether the "
