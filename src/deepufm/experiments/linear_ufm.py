@@ -124,45 +124,63 @@ def run(
 def _figures(
     fig_dir: Path, records, snaps, cfg: UFMConfig, l: int, k
 ) -> list[tuple[str, str, Path]]:
+    """Every figure of the family from the probe rows and snapshots; captions state the claim,
+    the layer and the run's setting (from ``cfg`` and the records), not literal numbers."""
     K, Lam, figs = cfg.K, k.hessian_eigenvalue[l - 1], []
     final_snap = max(snaps)
     last = records[-1]
+    where = f"Layer {l}; {P.setting(cfg, last['epoch'])}."
+    zeros = f"numerical zeros (|λ| ≤ {P.ZERO_RTOL:.0e}·λ_max) counted in each title, not drawn"
 
     def add(fid, caption, fig):
-        figs.append((fid, caption, P.save(fig, fig_dir, fid)))
+        figs.append((fid, f"{caption} {where}", P.save(fig, fig_dir, fid)))
 
+    def ratio(key, count, epoch):
+        top = np.sort(snaps[epoch][key])[::-1][:count]
+        return top[0] / top[-1]
+
+    ratios = ", ".join(f"{ratio('hessian', K * K, e):.4g} (epoch {e})" for e in sorted(snaps))
     add(
         "v1-fig3",
-        f"Layer-{l} Hessian spectrum: bulk (histogram) and the top K^2 = {K * K} outliers at several "
-        "epochs; dashed: predicted Lambda_l.",
-        P.spectra_over_epochs(snaps, "hessian", K * K, "H_l", Lam),
+        f"Layer-Hessian spectrum over training: the bulk (histogram) vanishes and the top K^2 = "
+        f"{K * K} outliers (red rug, multiplicity ×m) equalise at the predicted Lambda_l = "
+        f"{Lam:.4g} (dashed); bottom row: the top K^2 over their mean, λ1/λ{K * K} = {ratios}; "
+        f"{zeros}.",
+        P.spectra_over_epochs(snaps, "hessian", K * K, "H_l", l, Lam),
     )
     ep, f = P.matrix_series(records, "eigvec_alignment")
     early = [i for i, e in enumerate(ep) if e <= 1000]
-    fig, axes = P.new_figure()
-    P.curves_panel(
+    fig, axes = P.new_figure(width=4.6)
+    P.matrix_curves_panel(
         axes[0, 0],
         [ep[i] for i in early],
-        {k_: v[early] for k_, v in f.items()},
-        f"alignment f_cc' of mu'_c ⊗ mu_c' with H_l (layer {l})",
+        f[early],
+        f"f_cc' of mu'_c ⊗ mu_c' with H_l (layer {l})",
         "f",
-        reference=1.0,
+        1.0,
+        1.0,
     )
     add(
         "v1-fig4",
-        "Alignment of the K^2 predicted eigenvectors with the layer Hessian over early training.",
+        f"Alignment f_cc' of the K^2 = {K * K} predicted eigenvectors with the layer Hessian over "
+        f"the first {ep[early[-1]]} epochs (prediction 1; last drawn min "
+        f"{f[early[-1]].min():.4g}).",
         fig,
     )
+    ko = last["knockout_eigenvalues"]
     add(
         "v1-fig5",
-        "Top eigenvalues of the layer Hessian and of the G_within knockout (no outlier removed).",
+        f"Top eigenvalues of the layer Hessian and of the G_within knockout at epoch "
+        f"{last['epoch']}: removing G_within removes no outlier (both keep K^2 = {K * K} at "
+        f"Lambda_l).",
         P.top_eigenvalues_figure(
             last,
             [
-                ("H_l", "hessian_eigenvalues", None),
-                ("H_l - G_within", "knockout_eigenvalues.within", None),
+                ("H_l", "hessian_eigenvalues", K * K),
+                ("H_l - G_within", "knockout_eigenvalues.within", K * K),
             ],
             Lam,
+            l,
         ),
     )
     pairs = [
@@ -171,79 +189,100 @@ def _figures(
     ]
     add(
         "v1-fig6",
-        "Knockouts: removing G_cross leaves K outliers, removing G_class leaves K(K-1).",
-        P.top_eigenvalues_figure(last, pairs, Lam),
+        f"Knockouts at epoch {last['epoch']}: removing G_cross leaves K = {K} outliers, removing "
+        f"G_class leaves K(K-1) = {K * (K - 1)}, all at Lambda_l = {Lam:.4g}; the largest "
+        f"removed-direction eigenvalue left: {ko['cross'][K]:.2e} and "
+        f"{ko['class'][K * (K - 1)]:.2e}.",
+        P.top_eigenvalues_figure(last, pairs, Lam, l),
     )
     ep_g, g = P.matrix_series(records, "gradient_coefficients")
-    fig, axes = P.new_figure()
-    P.curves_panel(
-        axes[0, 0],
-        ep_g,
-        g,
-        f"gradient coefficients gamma_cc' (layer {l})",
-        "gamma",
-        reference=1 / K,
+    fig, axes = P.new_figure(width=4.6)
+    P.matrix_curves_panel(
+        axes[0, 0], ep_g, g, f"gradient coefficients gamma_cc' (layer {l})", "gamma", 1 / K, 0.0
     )
+    gl = g[-1]
     add(
         "v1-fig7",
-        "Gradient coefficients in the natural basis: diagonal -> 1/K, off-diagonal -> 0.",
+        f"Gradient coefficients gamma_cc' in the natural basis: diagonal (blue) -> 1/K = "
+        f"{1 / K:.4g}, off-diagonal (grey) -> 0; at epoch {ep_g[-1]} max |gamma_cc - 1/K| = "
+        f"{np.abs(np.diag(gl) - 1 / K).max():.2e}, max off-diagonal "
+        f"{(gl - np.diag(np.diag(gl))).max():.2e}.",
         fig,
     )
+    w_ratio = ratio("weight_gram", K, final_snap)
     add(
         "v1-fig8",
-        f"Spectrum of W_l^T W_l: K = {K} outliers at omega_l^2.",
-        P.spectra_over_epochs(snaps, "weight_gram", K, "W^T W", k.omega2[l - 1]),
+        f"Spectrum of W_l^T W_l over training: K = {K} outliers at omega_l^2 = "
+        f"{k.omega2[l - 1]:.4g} (dashed), λ1/λ{K} = {w_ratio:.4g} at epoch {final_snap}; "
+        f"{zeros}.",
+        P.spectra_over_epochs(snaps, "weight_gram", K, "W_l^T W_l", l, k.omega2[l - 1]),
     )
-
-    def one(key, n_out, title, predicted):
-        fig, axes = P.new_figure()
-        vals = np.clip(snaps[final_snap][key], 0, None)
-        P.spectrum_panel(axes[0, 0], vals, n_out, title, predicted)
-        return fig
-
+    gc = k.grad_cov_eigenvalue(l)
     add(
         "v1-fig12",
-        "Gradient covariance: K-1 equal outliers at (1-c)^2 Lambda_l (log scale).",
-        one("grad_cov", K - 1, f"Sigma_g, epoch {final_snap}", k.grad_cov_eigenvalue(l)),
+        f"Gradient covariance Sigma_g at epoch {final_snap}: K-1 = {K - 1} equal outliers at "
+        f"(1-c)^2 Lambda_l = {gc:.4g}, then zeros.",
+        P.scree_figure(
+            snaps[final_snap]["grad_cov"],
+            [(K - 1, f"K−1 = {K - 1} equal outliers", gc)],
+            f"Sigma_g (layer {l}), epoch {final_snap}",
+        ),
     )
     big, small = k.backprop_eigenvalues(l)
-    fig = one("backprop", K, f"Sigma_delta, epoch {final_snap}", big)
-    fig.axes[0].axvline(small, color="k", ls=":", lw=0.9, label=f"predicted small {small:.4g}")
-    fig.axes[0].legend()
     add(
         "v1-fig13",
-        "Back-propagated errors: K-1 equal outliers plus one small eigenvalue (log scale).",
-        fig,
+        f"Back-propagated errors Sigma_delta at epoch {final_snap}: K-1 = {K - 1} equal outliers "
+        f"at {big:.4g} plus one small eigenvalue at {small:.4g}, then zeros.",
+        P.scree_figure(
+            snaps[final_snap]["backprop"],
+            [(K - 1, f"K−1 = {K - 1} equal outliers", big), (1, "1 small eigenvalue", small)],
+            f"Sigma_delta (layer {l}), epoch {final_snap}",
+        ),
     )
+    fg = k.feature_gram_eigenvalue(l)
     add(
         "v1-fig14",
-        "Feature Gram H_l H_l^T: K equal outliers at n ||mu_l||^2.",
-        one("feature_gram", K, f"H_l H_l^T, epoch {final_snap}", k.feature_gram_eigenvalue(l)),
+        f"Feature Gram H_l H_l^T at epoch {final_snap}: K = {K} equal outliers at "
+        f"n ||mu_l||^2 = {fg:.4g}, then zeros.",
+        P.scree_figure(
+            snaps[final_snap]["feature_gram"],
+            [(K, f"K = {K} equal outliers", fg)],
+            f"H_l H_l^T (layer {l}), epoch {final_snap}",
+        ),
     )
-    fig, axes = P.new_figure(ncols=2)
-    P.curves_panel(axes[0, 0], ep, f, "f_cc' during training", "f", reference=1.0)
-    P.curves_panel(axes[0, 1], ep_g, g, "gamma_cc' during training", "gamma", reference=1 / K)
+    fig, axes = P.new_figure(ncols=2, width=4.4)
+    P.matrix_curves_panel(axes[0, 0], ep, f, f"f_cc' (layer {l})", "f", 1.0, 1.0)
+    P.matrix_curves_panel(axes[0, 1], ep_g, g, f"gamma_cc' (layer {l})", "gamma", 1 / K, 0.0)
     add(
         "v2-fig1",
-        "v2 Fig. 1: eigenvector alignment f_cc' and gradient coefficients gamma_cc' during training.",
+        f"v2 Fig. 1: eigenvector alignment f_cc' (-> 1; min {f[-1].min():.6g} at epoch {ep[-1]}) "
+        f"and gradient coefficients gamma_cc' (diagonal -> 1/K, off-diagonal -> 0) during "
+        "training.",
         fig,
     )
+    top = np.asarray(last["hessian_eigenvalues"][: K * K])
     add(
         "v2-fig2",
-        "v2 Fig. 2: the K^2 Hessian outliers converge to one value.",
+        f"v2 Fig. 2: the K^2 = {K * K} Hessian outliers converge to one value, Lambda_l = "
+        f"{Lam:.4g}; right: their spread λ1/λ{K * K} − 1, {top[0] / top[-1] - 1:.2e} at epoch "
+        f"{last['epoch']}.",
         P.outlier_curves_figure(
             records, "hessian_eigenvalues", K * K, f"top K^2 eigenvalues of H_l (layer {l})", Lam
         ),
     )
     add(
         "v2-fig7",
-        "v2 Fig. 7: W_l^T W_l spectra over training.",
-        P.spectra_over_epochs(snaps, "weight_gram", K, "W^T W", k.omega2[l - 1]),
+        f"v2 Fig. 7: W_l^T W_l spectra over training: K = {K} outliers converge to omega_l^2 = "
+        f"{k.omega2[l - 1]:.4g}, the rest to 0; {zeros}.",
+        P.spectra_over_epochs(
+            snaps, "weight_gram", K, "W_l^T W_l", l, k.omega2[l - 1], equalise=False
+        ),
     )
     add(
         "v2-fig9",
-        "v2 Fig. 9: Hessian outliers with the G_cross and G_class knockouts.",
-        P.top_eigenvalues_figure(last, pairs, Lam),
+        f"v2 Fig. 9 at epoch {last['epoch']}: the K^2 = {K * K} Hessian outliers (left) and the "
+        f"G_cross and G_class knockouts, which keep K = {K} and K(K-1) = {K * (K - 1)} of them.",
+        P.top_eigenvalues_figure(last, [("H_l", "hessian_eigenvalues", K * K), *pairs], Lam, l),
     )
     return figs
 

@@ -55,19 +55,22 @@ LINEAR = Experiment(
     "gradient-covariance, back-propagated-error and feature-Gram spectra during training",
     "deepufm.experiments.linear_ufm",
     (
-        Item("v1-fig3", "layer-Hessian spectrum (bulk + top K² outliers) at several epochs"),
+        Item(
+            "v1-fig3",
+            "layer-Hessian spectrum (bulk, zeros counted, top K² outliers) and λ1/λK² over epochs",
+        ),
         Item("v1-fig4", "alignment f_cc' of the K² predicted eigenvectors during early training"),
         Item("v1-fig5", "top layer-Hessian eigenvalues and the G_within knockout (removes none)"),
         Item("v1-fig6", "G_cross and G_class knockouts (remove K(K-1) and K outliers)"),
         Item("v1-fig7", "gradient coefficients γ_cc' during training (diagonal -> 1/K)"),
         Item("v1-fig8", "spectrum of W_l^T W_l (K outliers) during training"),
-        Item("v1-fig12", "gradient-covariance spectrum (K-1 equal outliers)"),
-        Item("v1-fig13", "back-propagated-error matrix spectrum (K-1 equal + 1 small)"),
-        Item("v1-fig14", "feature-Gram spectrum (K equal outliers)"),
+        Item("v1-fig12", "gradient-covariance scree plot (K-1 equal outliers, then zeros)"),
+        Item("v1-fig13", "back-propagated-error scree plot (K-1 equal + 1 small, then zeros)"),
+        Item("v1-fig14", "feature-Gram scree plot (K equal outliers, then zeros)"),
         Item("v2-fig1", "f_cc' and γ_cc' during training"),
         Item("v2-fig2", "layer-Hessian outliers converging to one value"),
         Item("v2-fig7", "W_l^T W_l spectra during training"),
-        Item("v2-fig9", "Hessian outliers with G_cross and G_class knockouts"),
+        Item("v2-fig9", "Hessian outliers (H_l panel) with the G_cross and G_class knockouts"),
     ),
 )
 
@@ -95,7 +98,9 @@ RELU = Experiment(
         Item("v2-fig4", "f_cc' and γ_cc' of the ReLU model (sigma'(0)=1, zeros rounded)"),
         Item("v2-fig5", "ReLU Hessian outliers converging to the linear value"),
         Item("v2-fig8", "ReLU W_l^T W_l spectra during training"),
-        Item("v2-fig10", "ReLU Hessian outliers with G_cross and G_class knockouts"),
+        Item(
+            "v2-fig10", "ReLU Hessian outliers (H_l panel) with the G_cross and G_class knockouts"
+        ),
         Item("v2-fig11", "feature-Gram eigenvalues: the global-mean spike decays onto K-1"),
     ),
 )
@@ -104,7 +109,7 @@ _NETWORK_ITEMS = (
     Item("v2-fig6", "f_cc' and γ_cc' of head layer l during training"),
     Item("v2-fig16", "singular-vector alignment of W_l (left and right)"),
     Item("v2-fig17", "effective ranks of H_l (-> K²) and W_l (-> K)"),
-    Item("v2-fig18", "mean ± std of the outlier eigenvalues of H_l and W_l"),
+    Item("v2-fig18", "mean ± std of the outlier eigenvalues of H_l and W_l, and std/mean"),
     Item("v2-thm6", "whole-network Hessian vs its head block, Frobenius-normalised (Theorem 6)"),
 )
 

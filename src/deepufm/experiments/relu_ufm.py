@@ -424,49 +424,60 @@ def _v1_discussion(
 def _figures(
     fig_dir: Path, records, snaps, cfg: UFMConfig, l: int, k: DNCConstants
 ) -> list[tuple[str, str, Path]]:
+    """Every figure of the family from the probe rows and snapshots; captions state the claim,
+    the layer and the run's setting (from ``cfg`` and the records), not literal numbers."""
     K, Lam, figs = cfg.K, k.hessian_eigenvalue[l - 1], []
     last = records[-1]
     omega2 = k.omega2[l - 1]
+    where = f"Layer {l}; {P.setting(cfg, last['epoch'])}."
+    zeros = f"numerical zeros (|λ| ≤ {P.ZERO_RTOL:.0e}·λ_max) counted in each title, not drawn"
+    final_snap = max(snaps)
 
     def add(fid, caption, fig):
-        figs.append((fid, caption, P.save(fig, fig_dir, fid)))
+        figs.append((fid, f"{caption} {where}", P.save(fig, fig_dir, fid)))
+
+    def ratio(key, count):
+        top = np.sort(snaps[final_snap][key])[::-1][:count]
+        return top[0] / top[-1]
 
     add(
         "v1-fig9",
-        f"ReLU layer-{l} Hessian spectra over training: the K^2 = {K * K} outliers separate from "
-        "the bulk; dashed: the linear prediction Lambda_l (Theorem 7).",
-        P.spectra_over_epochs(snaps, "hessian", K * K, "H_l", Lam),
+        f"ReLU layer-Hessian spectra over training: the K^2 = {K * K} outliers (red rug, "
+        f"multiplicity ×m) separate from the bulk; dashed: the linear prediction Lambda_l = "
+        f"{Lam:.4g} (Theorem 7); bottom row: the top K^2 over their mean, λ1/λ{K * K} = "
+        f"{ratio('hessian', K * K):.6g} at epoch {final_snap}; {zeros}.",
+        P.spectra_over_epochs(snaps, "hessian", K * K, "H_l", l, Lam),
     )
+    knock = [
+        ("H_l", "hessian_eigenvalues", K * K),
+        ("H_l - G_within", "knockout_eigenvalues.within", K * K),
+        ("H_l - G_cross", "knockout_eigenvalues.cross", K),
+        ("H_l - G_class", "knockout_eigenvalues.class", K * (K - 1)),
+    ]
     add(
         "v1-fig10",
-        "Knockouts at the end of training: G_within removes no outlier, G_cross removes K(K-1) "
-        "(K left), G_class removes K (K(K-1) left).",
-        P.top_eigenvalues_figure(
-            last,
-            [
-                ("H_l", "hessian_eigenvalues", K * K),
-                ("H_l - G_within", "knockout_eigenvalues.within", K * K),
-                ("H_l - G_cross", "knockout_eigenvalues.cross", K),
-                ("H_l - G_class", "knockout_eigenvalues.class", K * (K - 1)),
-            ],
-            Lam,
-        ),
+        f"Knockouts at epoch {last['epoch']}: G_within removes no outlier (K^2 = {K * K} left), "
+        f"G_cross removes K(K-1) (K = {K} left), G_class removes K (K(K-1) = {K * (K - 1)} "
+        f"left); dashed: Lambda_l = {Lam:.4g}.",
+        P.top_eigenvalues_figure(last, knock, Lam, l),
     )
     add(
         "v1-fig11",
-        f"Spectrum of W_l^T W_l over training: K = {K} outliers at omega_l^2.",
-        P.spectra_over_epochs(snaps, "weight_gram", K, "W^T W", omega2),
+        f"Spectrum of W_l^T W_l over training: K = {K} outliers equalise at omega_l^2 = "
+        f"{omega2:.4g} (λ1/λ{K} = {ratio('weight_gram', K):.6g} at epoch {final_snap}); "
+        f"{zeros}.",
+        P.spectra_over_epochs(snaps, "weight_gram", K, "W_l^T W_l", l, omega2),
     )
     rows = [r for r in records if "negative_fraction_by_layer" in r]
     epochs = [r["epoch"] for r in rows]
     neg = np.asarray([r["negative_fraction_by_layer"] for r in rows])
     frame = np.asarray([r["orthogonal_frame_distance"] for r in rows])
-    fig, axes = P.new_figure(ncols=2)
+    fig, axes = P.new_figure(ncols=2, width=4.4)
     P.curves_panel(
         axes[0, 0],
         epochs,
         {f"u^({m + 2})": neg[:, m] for m in range(neg.shape[1])},
-        "fraction of negative pre-activation entries",
+        "negative pre-activation entries",
         "fraction",
         reference=0.0,
     )
@@ -478,52 +489,57 @@ def _figures(
         "distance",
         ylog=True,
     )
+    final_neg = ", ".join(f"u^({m + 2}) {100 * v:.2f}%" for m, v in enumerate(neg[-1]))
     add(
         "v2-fig3",
         "v2 Fig. 3: negative pre-activation entries per layer (-> 0 beyond the first ReLU; the "
-        "first keeps them on its flat family, this project's derivation, THEORY §7 [D]) and the "
-        "orthogonal-frame distance (-> 0).",
+        "first keeps them on its flat family, this project's derivation, THEORY §7 [D]; at "
+        f"epoch {epochs[-1]}: {final_neg}) and the orthogonal-frame distance (-> 0; max "
+        f"{np.nanmax(frame[-1]):.2e}).",
         fig,
     )
     ep, f = P.matrix_series(records, "eigvec_alignment")
     ep_g, g = P.matrix_series(records, "gradient_coefficients")
-    fig, axes = P.new_figure(ncols=2)
-    P.curves_panel(axes[0, 0], ep, f, f"f_cc' (layer {l})", "f", reference=1.0)
-    P.curves_panel(axes[0, 1], ep_g, g, f"gamma_cc' (layer {l})", "gamma", reference=1 / K)
+    fig, axes = P.new_figure(ncols=2, width=4.4)
+    P.matrix_curves_panel(axes[0, 0], ep, f, f"f_cc' (layer {l})", "f", 1.0, 1.0)
+    P.matrix_curves_panel(axes[0, 1], ep_g, g, f"gamma_cc' (layer {l})", "gamma", 1 / K, 0.0)
     add(
         "v2-fig4",
-        "v2 Fig. 4: eigenvector alignment and gradient coefficients of the ReLU model "
-        "(sigma'(0) = 1, rounded zeros counted as zeros).",
+        f"v2 Fig. 4: eigenvector alignment f_cc' (-> 1; min {f[-1].min():.6g} at epoch "
+        f"{ep[-1]}) and gradient coefficients gamma_cc' (diagonal -> 1/K, off-diagonal -> 0) of "
+        "the ReLU model (sigma'(0) = 1, rounded zeros counted as zeros).",
         fig,
     )
+    top = np.asarray(last["hessian_eigenvalues"][: K * K])
     add(
         "v2-fig5",
-        "v2 Fig. 5: the K^2 ReLU Hessian outliers converge to the linear value.",
+        f"v2 Fig. 5: the K^2 = {K * K} ReLU Hessian outliers converge to the linear value "
+        f"Lambda_l = {Lam:.4g}; right: their spread λ1/λ{K * K} − 1, {top[0] / top[-1] - 1:.2e} "
+        f"at epoch {last['epoch']}.",
         P.outlier_curves_figure(
             records, "hessian_eigenvalues", K * K, f"top K^2 eigenvalues of H_l (layer {l})", Lam
         ),
     )
     add(
         "v2-fig8",
-        "v2 Fig. 8: W_l^T W_l spectra of the ReLU model over training.",
-        P.spectra_over_epochs(snaps, "weight_gram", K, "W^T W", omega2),
+        f"v2 Fig. 8: W_l^T W_l spectra of the ReLU model over training: K = {K} outliers "
+        f"converge to omega_l^2 = {omega2:.4g}, the rest to 0; {zeros}.",
+        P.spectra_over_epochs(snaps, "weight_gram", K, "W_l^T W_l", l, omega2, equalise=False),
     )
     add(
         "v2-fig10",
-        "v2 Fig. 10: ReLU Hessian outliers with the G_cross and G_class knockouts.",
-        P.top_eigenvalues_figure(
-            last,
-            [
-                ("H_l - G_cross", "knockout_eigenvalues.cross", K),
-                ("H_l - G_class", "knockout_eigenvalues.class", K * (K - 1)),
-            ],
-            Lam,
-        ),
+        f"v2 Fig. 10 at epoch {last['epoch']}: the K^2 = {K * K} ReLU Hessian outliers (left) "
+        f"and the G_cross and G_class knockouts, which keep K = {K} and K(K-1) = {K * (K - 1)} "
+        "of them.",
+        P.top_eigenvalues_figure(last, [knock[0], *knock[2:]], Lam, l),
     )
+    fg = np.asarray(last["feature_gram_eigenvalues"][:K])
     add(
         "v2-fig11",
         "v2 Fig. 11: top eigenvalues of the feature Gram H_l H_l^T: the spike along the global "
-        "mean (non-negative ReLU features) decays onto the other K-1.",
+        f"mean (non-negative ReLU features) decays onto the other K-1 (λ1/λ{K} = "
+        f"{fg[0] / fg[-1]:.6g} at epoch {last['epoch']}; predicted n ||mu_l||^2 = "
+        f"{k.feature_gram_eigenvalue(l):.4g}).",
         P.outlier_curves_figure(
             records,
             "feature_gram_eigenvalues",

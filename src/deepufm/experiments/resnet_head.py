@@ -20,6 +20,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from matplotlib.ticker import MaxNLocator
 
 from deepufm.errors import ConfigError
 from deepufm.experiments import plotting as P
@@ -257,7 +258,16 @@ def run(
         "training_residue": residue,
     }
     write_results(out / "results.json", results, config=config, constants=constants)
-    figures = _figures(out / "figures", experiment, records, spectral.snapshots, K, l, comparison)
+    figures = _figures(
+        out / "figures",
+        experiment,
+        records,
+        spectral.snapshots,
+        K,
+        l,
+        comparison,
+        setting=f"K={K}, {cfg.dtype} training (head measured in float64), {state.epoch} epochs",
+    )
     rel_se = comparison.full_fro_stderr / comparison.full_fro
     tables = [
         (departures_caption(experiment), departures_table(experiment, config)),
@@ -509,35 +519,44 @@ FIGURE_IDS = {
 
 
 def _figures(
-    fig_dir: Path, experiment: str, records, snaps, K: int, l: int, cmp: FullHessianComparison
+    fig_dir: Path,
+    experiment: str,
+    records,
+    snaps,
+    K: int,
+    l: int,
+    cmp: FullHessianComparison,
+    setting: str = "",
 ) -> list[tuple[str, str, Path]]:
+    """Every figure of the network experiment from the head-probe rows, the snapshots and the
+    Theorem 6 comparison; captions state the claim, the layer and ``setting`` (the run's)."""
     figs, ids = [], FIGURE_IDS[experiment]
     last = records[-1]
+    where = f"Head layer {l}; {experiment}" + (f", {setting}." if setting else ".")
 
     def add(fid, caption, fig):
-        figs.append((fid, caption, P.save(fig, fig_dir, fid)))
+        figs.append((fid, f"{caption} {where}", P.save(fig, fig_dir, fid)))
 
     ep, f = P.matrix_series(records, "eigvec_alignment")
     ep_g, g = P.matrix_series(records, "gradient_coefficients")
-    fig, axes = P.new_figure(ncols=2)
-    diag = {"diagonal": np.mean([g[f"({c + 1},{c + 1})"] for c in range(K)], axis=0)}
-    off = [v for key, v in g.items() if key.split(",")[0][1:] != key.split(",")[1][:-1]]
-    diag["off-diagonal (max)"] = np.max(off, axis=0)
-    P.curves_panel(
-        axes[0, 0],
-        ep,
-        {"min": np.min(list(f.values()), axis=0), "mean": np.mean(list(f.values()), axis=0)},
-        f"f_cc' of the K^2 = {K * K} predicted vectors (layer {l})",
-        "f",
-        reference=1.0,
+    fig, axes = P.new_figure(ncols=2, width=4.4)
+    P.matrix_curves_panel(axes[0, 0], ep, f, f"f_cc' (head layer {l})", "f", 1.0, 1.0)
+    P.matrix_curves_panel(axes[0, 1], ep_g, g, f"gamma_cc' (head layer {l})", "gamma", 1 / K, 0.0)
+    gl = g[-1]
+    add(
+        "v2-fig6",
+        f"v2 Fig. 6: eigenvector alignment f_cc' of the K^2 = {K * K} predicted vectors (-> 1; "
+        f"min {f[-1].min():.4g} at epoch {ep[-1]}) and gradient coefficients gamma_cc' (diagonal "
+        f"-> 1/K = {1 / K:.4g}, max |gamma_cc - 1/K| = {np.abs(np.diag(gl) - 1 / K).max():.3g}; "
+        "off-diagonal -> 0).",
+        fig,
     )
-    P.curves_panel(axes[0, 1], ep_g, diag, f"gamma_cc' (head layer {l})", "gamma", reference=1 / K)
-    add("v2-fig6", "v2 Fig. 6: eigenvector alignment and gradient coefficients of the head.", fig)
     ref = float(np.mean(last["hessian_eigenvalues"][: K * K]))
     add(
         ids["hessian"],
-        "Head-layer Hessian outliers and the G_cross / G_class knockouts: K^2, K and K(K-1) "
-        "outliers (counts preserved, values not exactly equal); dashed: mean of the top K^2.",
+        f"Head-layer Hessian outliers and the G_cross / G_class knockouts at epoch "
+        f"{last['epoch']}: K^2 = {K * K}, K = {K} and K(K-1) = {K * (K - 1)} outliers (counts "
+        "preserved, values not exactly equal); dashed: mean of the top K^2.",
         P.top_eigenvalues_figure(
             last,
             [
@@ -546,67 +565,99 @@ def _figures(
                 ("H_l - G_class", "knockout_eigenvalues.class", K * (K - 1)),
             ],
             ref,
+            l,
             reference_label="mean of the top K^2",
         ),
     )
     add(
         ids["weights"],
-        f"Spectrum of W_l^T W_l over training: K = {K} outliers.",
-        P.spectra_over_epochs(snaps, "weight_gram", K, "W^T W", None),
+        f"Spectrum of W_l^T W_l over training: K = {K} outliers (red rug) leave the bulk; "
+        f"numerical zeros (|λ| ≤ {P.ZERO_RTOL:.0e}·λ_max) counted in each title.",
+        P.spectra_over_epochs(snaps, "weight_gram", K, "W_l^T W_l", l, None),
     )
     rows = [r for r in records if "sv_align_left" in r]
     epochs = [r["epoch"] for r in rows]
-    fig, axes = P.new_figure(ncols=2)
+    fig, axes = P.new_figure(ncols=2, width=4.4)
+    mins = {}
     for ax, key, side in zip(axes[0], ("sv_align_left", "sv_align_right"), ("left", "right")):
         vals = np.asarray([r[key] for r in rows])
+        mins[side] = vals[-1].min()
         P.curves_panel(
             ax,
             epochs,
-            {"min over classes": vals.min(axis=1), "mean": vals.mean(axis=1)},
-            f"{side} singular vectors of W_l vs class means",
+            {"min over classes": vals.min(axis=1), "mean over classes": vals.mean(axis=1)},
+            f"{side} singular vectors of W_l (layer {l}) vs class means",
             "f",
             reference=1.0,
         )
-    add("v2-fig16", "v2 Fig. 16: singular-vector alignment of W_l (left and right).", fig)
-    fig, axes = P.new_figure(ncols=2)
+    add(
+        "v2-fig16",
+        "v2 Fig. 16: singular-vector alignment of W_l with the class means (-> 1; min "
+        f"{mins['left']:.4g} left, {mins['right']:.4g} right at epoch {epochs[-1]}).",
+        fig,
+    )
+    fig, axes = P.new_figure(ncols=2, width=4.4)
+    eh = [r["effective_rank_hessian"] for r in rows]
+    ew = [r["effective_rank_weight"] for r in rows]
     P.curves_panel(
         axes[0, 0],
         epochs,
-        {"H_l": [r["effective_rank_hessian"] for r in rows]},
-        "effective rank of the layer Hessian",
+        {"H_l": eh},
+        f"effective rank of H_l (layer {l})",
         "effective rank",
         reference=K * K,
     )
     P.curves_panel(
         axes[0, 1],
         epochs,
-        {"W_l": [r["effective_rank_weight"] for r in rows]},
-        "effective rank of W_l",
+        {"W_l": ew},
+        f"effective rank of W_l (layer {l})",
         "effective rank",
         reference=K,
     )
-    add("v2-fig17", "v2 Fig. 17: effective ranks of H_l (-> K^2) and W_l (-> K).", fig)
-    fig, axes = P.new_figure(ncols=2)
-    for ax, key, count, name in (
-        (axes[0, 0], "hessian_eigenvalues", K * K, "top K^2 of H_l"),
-        (axes[0, 1], "weight_singular_values", K, "top K of W_l^T W_l"),
+    add(
+        "v2-fig17",
+        f"v2 Fig. 17: effective ranks of H_l (-> K^2 = {K * K}; {eh[-1]:.4g} at the end) and "
+        f"W_l (-> K = {K}; {ew[-1]:.4g}).",
+        fig,
+    )
+    fig, axes = P.new_figure(ncols=2, nrows=2, width=4.4, height=2.8, sharex=True)
+    final_cv = {}
+    for j, (key, count, name) in enumerate(
+        (
+            ("hessian_eigenvalues", K * K, f"top K^2 of H_l (layer {l})"),
+            ("weight_singular_values", K, f"top K of W_l^T W_l (layer {l})"),
+        )
     ):
         tops = np.asarray([r[key][:count] for r in rows])
         if key == "weight_singular_values":
             tops = tops**2  # eigenvalues of W^T W
         mean, std = tops.mean(axis=1), tops.std(axis=1)
-        x = np.maximum(np.asarray(epochs, dtype=float), 0.5)
-        ax.plot(x, mean, label="mean")
-        # the band's lower edge is floored at mean/20 so that a wide early spread cannot push the
-        # log axis down to 1e-300
-        ax.fill_between(x, np.maximum(mean - std, mean / 20), mean + std, alpha=0.3, label="± std")
-        ax.set_xscale("log")
-        ax.set_yscale("log")
-        ax.set_xlabel("epoch")
+        ax = axes[0, j]
+        ax.plot(epochs, mean, color="C0", label="mean")
+        # a linear axis: the band is drawn whole, never clipped
+        ax.fill_between(epochs, mean - std, mean + std, alpha=0.3, color="C0", label="± std")
+        P.epoch_axis(ax)
+        ax.set_xlabel("")
         ax.set_ylabel("eigenvalue")
         ax.set_title(f"outliers: {name}")
-        ax.legend()
-    add("v2-fig18", "v2 Fig. 18: mean ± std of the outlier eigenvalues (std -> 0).", fig)
+        cv = std / mean
+        final_cv[name] = cv[-1]
+        ax = axes[1, j]
+        ax.plot(epochs, cv, color="C3", label="std / mean")
+        P.epoch_axis(ax)
+        ax.set_yscale("log")
+        P.plain_log(ax.yaxis)
+        ax.set_ylabel("std / mean")
+        ax.set_title(f"relative spread, {cv[-1]:.3g} at epoch {epochs[-1]}")
+    P.merged_legend(fig, axes[1], ncol=3)
+    cvs = "; ".join(f"{v:.3g} for the {n}" for n, v in final_cv.items())
+    add(
+        "v2-fig18",
+        "v2 Fig. 18: mean ± std of the outlier eigenvalues (linear axis, band unclipped) and "
+        f"their relative spread std/mean on its own log axis; at epoch {epochs[-1]}: {cvs}.",
+        fig,
+    )
     fig, axes = P.new_figure(width=5.0)
     ax = axes[0, 0]
     idx = np.arange(1, len(cmp.full) + 1)
@@ -614,14 +665,22 @@ def _figures(
     ax.plot(idx, cmp.head, "x", ms=3, label="head block, H_WW / ||H_WW||_F")
     ax.axhline(1 / K, color="k", ls="--", lw=0.9, label=f"deep-head limit 1/K = {1 / K:.3g}")
     ax.set_yscale("log")
+    P.plain_log(ax.yaxis)
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_xlabel("index")
     ax.set_ylabel("normalised eigenvalue")
     ax.set_title(f"Theorem 6: off-head blocks {cmp.off_head_ratio:.2f} x ||H_WW||_F")
-    ax.legend()
+    P.legend_below(ax)
     add(
         "v2-thm6",
         "Theorem 6: top eigenvalues of the whole-network Hessian and of the head block, each "
-        "divided by its Frobenius norm.",
+        f"divided by its Frobenius norm; the off-head blocks are {cmp.off_head_ratio:.3g} times "
+        "the head block in Frobenius norm"
+        + (
+            ": far from the deep-head regime the theorem assumes, so no K^2 plateau is expected."
+            if cmp.off_head_ratio > 1
+            else "."
+        ),
         fig,
     )
     return figs
