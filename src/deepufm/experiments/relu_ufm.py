@@ -379,7 +379,7 @@ def _v1_discussion(
             "disagrees with v1: they do equalise. "
             if equal
             else f"still unequal by {abs(ratio - 1):.1e}, above the tolerance {tol:g}, as v1 "
-            "reports; "
+            "reports. "
         )
         + "The over-training row gives the epoch from which the ratio only falls. v1's run "
         "length and hyperparameters were lost from the extracted text, so a cause cannot be "
