@@ -92,3 +92,25 @@ def check_report(out: Path) -> tuple[list[list[list[str]]], _Page]:
     figures = re.findall(r"^!\[", report, flags=re.M)
     assert len(page.images) == len(figures) > 0
     return md, page
+
+
+DEPARTURES_HEADER = ["setting", "this run", "paper", "paper's value is", "departure"]
+
+
+def check_departures(out: Path, expected: dict[str, tuple[str, str]]) -> dict[str, list[str]]:
+    """The report's "Departures from the paper" table: present once, every departure verdict one
+    of the four, and ``expected[setting] == (this run, paper)`` for the settings given (the
+    caller takes them from the run's ``results.json`` config and the paper's text). Returns the
+    rows by setting."""
+    tables = markdown_tables((Path(out) / "report.md").read_text())
+    (table,) = [t for t in tables if t[0] == DEPARTURES_HEADER]
+    rows = {r[0]: r for r in table[1:]}
+    verdicts = {"yes", "no", "yes (from the provisional value)", "unknown (not stated)"}
+    assert all(r[4] in verdicts for r in rows.values()), rows
+    for setting, (here, paper) in expected.items():
+        assert rows[setting][1:3] == [here, paper], (setting, rows[setting])
+        if paper == "not stated":
+            assert rows[setting][4] == "unknown (not stated)"
+        else:
+            assert (rows[setting][4] == "no") == (here == paper), rows[setting]
+    return rows

@@ -11,7 +11,7 @@ from deepufm.experiments.registry import catalogue
 from deepufm.models.config import UFMConfig
 from deepufm.models.ufm import DeepUFM
 from deepufm.training.config import TrainConfig
-from report_checks import check_report
+from report_checks import check_departures, check_report
 from test_faults import two_figures
 
 
@@ -72,6 +72,19 @@ def test_linear_ufm_experiment_end_to_end(tmp_path, capsys, tiny_linear):
         assert f"{item}.png" in figures and f"{item}.pdf" in figures
     md, page = check_report(out)
     assert len(page.images) == len(linear_ufm_items())
+    # this run's settings from results.json's config; the paper's: v1 §5.1 via THEORY §10
+    check_departures(
+        out,
+        {
+            "K (classes)": (str(config["model"]["K"]), "3"),
+            "n (samples per class)": ("4", "40"),
+            "d (width)": ("5", "60"),
+            "L (layers)": ("3", "5"),
+            "studied layer l": (str(config["layer"]), "3"),
+            "epochs": ("3000", "not stated"),
+            "learning rate": ("0.5", "not stated"),
+        },
+    )
     header, *rows = md[0]  # theory vs measurement: one row per record of results.json
     assert header[:3] == ["quantity", "theorem", "layer"] and len(rows) == len(results)
     assert [r[0] for r in rows] == [r["quantity"] for r in results]
@@ -112,6 +125,14 @@ def test_ce_ufm_experiment_reproduces_theorem_9(tmp_path, capsys):
     assert [r["predicted"] for r in bulk] == lam0 and data["config"]["experiment"] == "ce-ufm"
     md, page = check_report(out)
     assert len(page.images) == 1 and len(md[0]) == len(results) + 1
+    cfg = data["config"]
+    rows = check_departures(out, {"K (classes)": (str(cfg["model"]["K"]), "not stated")})
+    assert rows["epochs"][1] == str(cfg["training"]["epochs"]) == "20000"
+    # the global-minimum row: DNC is the lowest loss reached at the preset's K=3, L=3
+    gap = next(r for r in results if r["quantity"].startswith("DNC loss minus the lowest"))
+    assert gap["holds"] and gap["theorem"] == "v2 App. B" and abs(gap["measured"]) < 1e-9
+    report = (out / "report.md").read_text()
+    assert "Measured at K=4, L=2" in report and "DNC is not the global minimum" in report
 
 
 @pytest.fixture
@@ -146,7 +167,7 @@ def test_relu_ufm_experiment_end_to_end(tmp_path, capsys, tiny_relu):
     assert misses[0]["note"].startswith("not reproduced") and misses[0]["layer"] == 2
     by_layer = lambda l: [r for r in results if r["layer"] == l and "Hessian" in r["quantity"]]  # noqa: E731
     # Layer 1's Jacobian carries the masks of u^(2): out of scope, with the hypothesis named.
-    assert all(r["scope"].startswith("out: Theorem 7 needs u^(2)..u^(3) >= 0") for r in by_layer(1))
+    assert all(r["scope"].startswith("out: v2 Thm 7 needs u^(2)..u^(3) >= 0") for r in by_layer(1))
     assert all("flat family" in r["note"] and "[D]" in r["note"] for r in by_layer(1))
     assert all(r["scope"] == "in" and not r["note"] for r in by_layer(2) + by_layer(3))
     rank = next(r for r in by_layer(2) if r["quantity"] == "Hessian rank")
@@ -172,6 +193,16 @@ def test_relu_ufm_experiment_end_to_end(tmp_path, capsys, tiny_relu):
     assert f"## Theory vs measurement ({held}" in report
     md, page = check_report(out)
     assert len(page.images) == sum("fig" in i for i, e, _ in catalogue() if e == "relu-ufm")
+    check_departures(
+        out,
+        {
+            "d (width)": ("8", "65"),
+            "L (layers)": ("3", "5"),
+            "epochs": ("20000", "1000000"),
+            "non-negativity tolerance of u (relative)": ("1e-05", "not stated"),
+        },
+    )
+    assert "this project's own derivation [D]" in report and "Not reproduced" in report
     # v1 Tables 3 (ReLU, linear) and 4: layer, K diagonal entries, max |off-diag|, the matrix
     header, *rows = md[0]
     scope = header.index("scope")

@@ -55,7 +55,7 @@ def test_flat_family_breaks_only_the_first_layer():
     scopes, notes = relu_ufm._applicability(negative, CFG.L)
     assert list(notes) == [1] and "flat family" in notes[1] and "[D]" in notes[1]
     assert scopes == {
-        1: f"out: Theorem 7 needs u^(2)..u^(4) >= 0 (u^(2) {100 * negative[2]:.1f}% negative)"
+        1: f"out: v2 Thm 7 needs u^(2)..u^(4) >= 0 (u^(2) {100 * negative[2]:.1f}% negative)"
     }
     results = layer_predictions(point, dnc_constants(CFG), 1e-9, notes=notes, scopes=scopes)
     assert all(r.holds for r in results if r.layer != 1), [

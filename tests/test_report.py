@@ -63,7 +63,7 @@ def test_run_all_writes_a_self_contained_index_linking_every_report(tmp_path, mo
     assert page.links == ["linear-ufm/report.html", "relu-ufm/report.html", "ce-ufm/report.html"]
     assert page.tables[0][1:] == [
         ["linear-ufm", "linear-ufm title", "1/1 predictions hold"],
-        ["relu-ufm", "relu-ufm title", "0/1 predictions hold"],
+        ["relu-ufm", "relu-ufm title", "0/1 predictions hold; missed: q (layer 1)"],
         [
             "ce-ufm",
             "ce-ufm title",

@@ -54,7 +54,13 @@ def test_mnist_resnet_experiment_end_to_end(tmp_path, tiny_network):
     assert data["config"]["training"]["per_class"] == 3 and data["constants"]["outliers"] == 100
     quantities = {r["quantity"] for r in results}
     assert "Hessian outliers (log-gap rule)" in quantities
-    assert all(r["layer"] == 2 for r in results)
+    # every structural row is at head layer 2; the Theorem 6 verdict is of the whole network
+    (thm6_row,) = [r for r in results if r["layer"] is None]
+    assert all(r["layer"] == 2 for r in results if r is not thm6_row)
+    assert thm6_row["theorem"] == "v2 Thm 6" and thm6_row["predicted"] == pytest.approx(0.1)
+    assert "Hutchinson standard error" in thm6_row["note"]
+    assert thm6_row["scope"] == "in" or "||off-head||_F / ||H_WW||_F" in thm6_row["scope"]
+    assert any(r["quantity"].endswith("over training") for r in results)
     figures = {p.name for p in (out / "figures").iterdir()}
     for item, exp, _ in catalogue():
         if exp == "mnist-resnet":
@@ -63,6 +69,10 @@ def test_mnist_resnet_experiment_end_to_end(tmp_path, tiny_network):
     thm6 = next(t for t in md if t[0] == ["quantity", "value"])
     cells = {row[0]: row[1] for row in thm6[1:]}
     assert float(cells["||H||_F (Hutchinson)"]) > 0 and float(cells["||H_WW||_F"]) > 0
+    departures = next(t for t in md if t[0][:3] == ["setting", "this run", "paper"])
+    rows = {row[0]: row for row in departures[1:]}
+    assert rows["images per class"][1:3] == ["3", "5000"] and rows["images per class"][4] == "yes"
+    assert rows["epochs"][1:3] == ["4", "4000"]
     gamma = next(row for row in md[0][1:] if row[0] == "max |gamma_cc - 1/K|")
     assert len(gamma) == len(md[0][0])
     assert (out / "params.npz").is_file() or (out / "checkpoint.pt").is_file()

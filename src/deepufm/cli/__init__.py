@@ -26,6 +26,7 @@ COMMANDS = ("train", "theory", "analyze", "run")
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The ``deepufm`` argument parser with every subcommand registered."""
     parser = argparse.ArgumentParser(
         prog="deepufm",
         description=(
@@ -63,6 +64,7 @@ def _is_out_of_memory(exc: BaseException) -> bool:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run the ``deepufm`` command line with ``argv`` (default ``sys.argv[1:]``); exit status."""
     parser = build_parser()
     args = parser.parse_args(argv)
     if not getattr(args, "func", None):

@@ -22,6 +22,7 @@ from deepufm.training.rundir import load_params
 
 
 def register(sub) -> None:
+    """Add the ``deepufm analyze`` subcommand and its options to ``sub``."""
     p = sub.add_parser(
         "analyze",
         help="measure the Hessian and related matrices of a trained run, per layer",
@@ -245,6 +246,8 @@ def _print_model_table(result: dict) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    """``deepufm analyze``: measure the layers of a run directory or a model file; returns the
+    exit status."""
     if args.model:
         if args.run_dir:
             raise ConfigError(

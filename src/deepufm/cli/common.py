@@ -22,6 +22,8 @@ def parse_float_list(text: str) -> float | list[float]:
 
 
 def parse_int_list(text: str) -> list[int]:
+    """``"1,2,3"`` -> ``[1, 2, 3]`` (empty items skipped); a non-integer raises argparse's
+    ``ArgumentTypeError`` (argparse reports it with the option)."""
     try:
         return [int(v) for v in text.split(",") if v.strip()]
     except ValueError as exc:
@@ -91,6 +93,8 @@ def given(args: argparse.Namespace, keys) -> dict[str, Any]:
 
 
 def read_toml(path: str | Path) -> dict[str, Any]:
+    """The TOML file at ``path`` as a dict; a missing, unreadable or invalid file, or a
+    directory, raises ``ConfigError`` naming ``--config``."""
     path = Path(path)
     if path.is_dir():
         raise ConfigError("--config", str(path), "a TOML file", "It is a directory.")

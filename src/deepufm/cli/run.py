@@ -12,6 +12,7 @@ from deepufm.experiments.report import write_index
 
 
 def register(sub) -> None:
+    """Add the ``deepufm run`` subcommand and its options to ``sub``."""
     p = sub.add_parser(
         "run",
         help="regenerate the paper's figures and tables (one experiment per model family)",
@@ -72,6 +73,8 @@ def register(sub) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    """``deepufm run``: list the catalogue, or run one experiment (or ``all``) into ``--out``;
+    returns the exit status."""
     if args.list:
         width = max(len(r[0]) for r in catalogue())
         for fid, exp, desc in catalogue():

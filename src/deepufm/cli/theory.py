@@ -8,9 +8,11 @@ import json
 from deepufm.cli.common import MODEL_KEYS, add_model_arguments, given
 from deepufm.models.config import UFMConfig
 from deepufm.theory import ce_constants, check_admissible, dnc_constants
+from deepufm.theory.predictions import theorem_label
 
 
 def register(sub) -> None:
+    """Add the ``deepufm theory`` subcommand and its options to ``sub``."""
     p = sub.add_parser(
         "theory",
         help="print the closed-form constants and predicted spectra of a configuration",
@@ -77,6 +79,7 @@ def theory_summary(config: UFMConfig) -> dict:
 
 
 def _table(config: UFMConfig, s: dict) -> str:
+    T = theorem_label  # every label from theory.predictions.THEOREMS
     K = config.K
     lines = [
         f"deep linear UFM, K={K}, n={config.n}, d={config.d}, L={config.L}, loss={config.loss}, "
@@ -84,11 +87,11 @@ def _table(config: UFMConfig, s: dict) -> str:
     ]
     if config.loss == "ce":
         lines += [
-            f"  logit scale alpha (v2 eq. 9)          {s['alpha']:.10g}",
+            f"  logit scale alpha ({T('ce_logit_scale')})          {s['alpha']:.10g}",
             f"  off-class probability eps             {s['epsilon']:.6g}",
             f"  loss at the DNC critical point        {s['loss']:.10g}",
             "",
-            "  layer  Hessian eigenvalues x multiplicity (v2 Thm 9, rank (K-1)^2)",
+            f"  layer  Hessian eigenvalues x multiplicity ({T('ce_layer_hessian')}, rank (K-1)^2)",
         ]
         for e in s["layers"]:
             pairs = ", ".join(
@@ -98,15 +101,17 @@ def _table(config: UFMConfig, s: dict) -> str:
             lines.append(f"  {e['layer']:>5}  {pairs}")
         return "\n".join(lines)
     lines += [
-        f"  b = K (n lam_H prod lam_l)^(1/(L+1))   {s['b']:.10g}   (threshold b_crit(L) = {s['b_crit']:.6g}; v1 eq. 2 / v2 eq. 17)",
-        f"  output scale c (Z = cY; v2 Thm 1)      {s['c']:.10g}",
+        f"  b = K (n lam_H prod lam_l)^(1/(L+1))   {s['b']:.10g}   (threshold b_crit(L) = {s['b_crit']:.6g}; {T('threshold')})",
+        f"  output scale c (Z = cY; {T('output_scale')})      {s['c']:.10g}",
         f"  loss at the optimum (1-c)(1+Lc)/2      {s['loss']:.10g}",
-        f"  block Gauss-Newton eigenvalue          {s['block_gn_eigenvalue']:.10g}   (sum_l Lambda_l, x{K * K}; v2 Thm 5)",
+        f"  block Gauss-Newton eigenvalue          {s['block_gn_eigenvalue']:.10g}   (sum_l Lambda_l, x{K * K}; {T('block_gauss_newton')})",
         "",
-        "  columns: omega^2 = squared singular value of W_l (v1 4.4 / v2 Thm 4, xK); ||mu||^2 = class-mean",
-        "  norm of the input H_l; Lambda = layer-Hessian eigenvalue (v1 4.1 / v2 Thm 1, xK^2; also",
-        "  G_class xK and G_cross xK(K-1), v1 4.2 / v2 Thm 2); Sigma_g = gradient covariance (E.1 / Thm 10,",
-        "  x(K-1)); Sigma_delta = back-propagated errors (E.2 / Thm 11, x(K-1) and x1); Gram = H_l H_l^T (E.3, xK)",
+        f"  columns: omega^2 = squared singular value of W_l ({T('weight')}, xK); ||mu||^2 = class-mean",
+        f"  norm of the input H_l; Lambda = layer-Hessian eigenvalue ({T('layer_hessian')}, xK^2; also",
+        f"  G_class xK and G_cross xK(K-1), {T('knockout')}); Sigma_g = gradient covariance "
+        f"({T('gradient_covariance')},",
+        f"  x(K-1)); Sigma_delta = back-propagated errors ({T('backprop_error')}, x(K-1) and x1); "
+        f"Gram = H_l H_l^T ({T('feature_gram')}, xK)",
         "",
         f"  {'layer':>5} {'omega^2':>12} {'||mu||^2':>12} {'Lambda':>12} {'rank':>5} {'Sigma_g':>12} "
         f"{'Sigma_delta':>25} {'Gram':>12}",
@@ -122,6 +127,8 @@ def _table(config: UFMConfig, s: dict) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
+    """``deepufm theory``: print (or ``--json``) the closed-form constants of a configuration;
+    returns the exit status."""
     config = UFMConfig.from_dict(given(args, MODEL_KEYS), source="option")
     check_admissible(config)
     summary = theory_summary(config)

@@ -35,6 +35,7 @@ PRESENTATION_KEYS = ("quiet", "checkpoint_every", "device")
 
 
 def register(sub) -> None:
+    """Add the ``deepufm train`` subcommand and its options to ``sub``."""
     p = sub.add_parser(
         "train",
         help="train a deep UFM by full-batch gradient descent",
@@ -116,6 +117,7 @@ def _configs(opts: dict[str, Any]) -> tuple[UFMConfig, TrainConfig]:
 
 
 def run(args: argparse.Namespace) -> int:
+    """``deepufm train``: train a deep UFM into a run directory; exit status."""
     opts = _options(args)
     progress = not args.quiet
     if opts.get("device") is not None:  # a CUDA device this machine lacks: refused before writing

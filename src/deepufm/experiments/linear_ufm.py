@@ -14,7 +14,14 @@ from pathlib import Path
 import numpy as np
 
 from deepufm.experiments import plotting as P
-from deepufm.experiments.checks import TRAINED_RANK_RTOL, dnc_constants_record, layer_predictions
+from deepufm.experiments.checks import (
+    OVER_TRAINING_TOL,
+    TRAINED_RANK_RTOL,
+    dnc_constants_record,
+    layer_predictions,
+    over_training_results,
+)
+from deepufm.experiments.departures import departures_caption, departures_table
 from deepufm.experiments.probes import SpectralProbe
 from deepufm.experiments.report import Report, markdown_table, write_report
 from deepufm.experiments.results import experiment_config, write_results
@@ -27,6 +34,9 @@ from deepufm.training.probes import DEFAULT_PROBES
 
 @dataclass(frozen=True)
 class Preset:
+    """The model, its training, the studied layer, the epochs whose full spectra are kept and
+    the tolerance of the final-epoch checks."""
+
     model: UFMConfig
     training: TrainConfig
     layer: int
@@ -38,6 +48,7 @@ EARLY = (2, 3, 5, 7, 15, 20, 30, 50, 70, 150, 200, 300, 500, 700)
 
 
 def preset(name: str) -> Preset:
+    """``quick`` (6,000 epochs) or ``paper`` (100,000 epochs) of the THEORY §10 v1 setting."""
     model = UFMConfig(K=3, n=40, d=60, L=5, lam=0.01, seed=0)
     if name == "paper":
         train_cfg = TrainConfig(lr=0.5, epochs=100_000, probes_per_decade=20, probe_at=EARLY)
@@ -63,7 +74,11 @@ def run(
     result, records = train_ufm(out, cfg, tcfg, (*DEFAULT_PROBES, probe), progress, resume, probe)
     k = dnc_constants(cfg)
     figures = _figures(out / "figures", records, probe.snapshots, cfg, l, k)
-    results = layer_predictions(result.model, k, pre.tolerance)
+    results = [
+        *layer_predictions(result.model, k, pre.tolerance),
+        *over_training_results(records, cfg.K, l, OVER_TRAINING_TOL),
+    ]
+    final_loss = float(result.model.total_loss())  # the final state, not a probe row
     config = experiment_config(
         "linear-ufm",
         preset_name,
@@ -81,18 +96,21 @@ def run(
             f"K={cfg.K}, n={cfg.n}, d={cfg.d}, L={cfg.L}, lambda={cfg.lam}, lr={tcfg.lr}, "
             f"{tcfg.epochs} epochs of full-batch gradient descent from N(0, 1/d) (preset "
             f"'{preset_name}'; THEORY §10 v1 values, lr and initialisation provisional). Figures "
-            f"show layer {l}; the table checks every layer at the final epoch. Final loss "
-            f"{records[-1]['loss']:.10g} (optimum {k.loss:.10g})."
+            f"show layer {l}; the table checks every layer at the final epoch and, at layer {l}, "
+            f"the over-training claims of the figures (from the probe rows, to "
+            f"{OVER_TRAINING_TOL:g}). Final loss {final_loss:.10g} (optimum {k.loss:.10g}). "
+            "Departures from the paper's setting are in their table."
         ),
         figures=figures,
         tables=[
+            (departures_caption("linear-ufm"), departures_table("linear-ufm", config)),
             (
                 "Constants (THEORY §4.2)",
                 markdown_table(
                     ["b", "b_crit", "c", "Lambda_l", "omega_l^2", "optimum loss"],
                     [[k.b, k.b_crit, k.c, k.hessian_eigenvalue[l - 1], k.omega2[l - 1], k.loss]],
                 ),
-            )
+            ),
         ],
         results=results,
     )

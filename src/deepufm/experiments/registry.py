@@ -29,6 +29,10 @@ class Item:
 
 @dataclass(frozen=True)
 class Experiment:
+    """One model family of the paper's experiments: its name, a description, the module whose
+    ``run`` it calls, the figures and tables it draws, extra ``run`` options, and whether it reads
+    a data set."""
+
     name: str
     description: str
     # module defining `run(preset: str, out: Path, progress: bool, device=None, resume=False,
@@ -41,6 +45,7 @@ class Experiment:
     needs_data: bool = False
 
     def runner(self) -> Callable:
+        """The experiment's ``run`` function (its module imported on first use)."""
         return importlib.import_module(self.module).run
 
 

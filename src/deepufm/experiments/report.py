@@ -16,6 +16,9 @@ from deepufm.training.rundir import write_text
 
 @dataclass
 class Report:
+    """One experiment's report: title, summary, figures ``(id, caption, png)``, tables
+    ``(caption, markdown)``, notes and the theory-vs-measurement rows."""
+
     title: str
     summary: str
     figures: list[tuple[str, str, Path]] = field(default_factory=list)  # (id, caption, png path)
@@ -31,15 +34,25 @@ class Report:
 
 
 def headline(results: Sequence[Result]) -> str:
+    """``"17/17 predictions hold"``; rows outside the theorems' hypotheses are counted apart
+    (``"54/55 in-scope predictions hold; 17 out of scope (11 of them hold anyway)"``), and up to
+    three in-scope misses are named (``"; missed: <quantity> (layer 2)"``)."""
     inside = [r for r in results if r.in_scope]
     held = f"{sum(r.holds for r in inside)}/{len(inside)}"
     if len(inside) == len(results):
-        return f"{held} predictions hold"
-    out = [r for r in results if not r.in_scope]
-    return (
-        f"{held} in-scope predictions hold; {len(out)} out of scope "
-        f"({sum(r.holds for r in out)} of them hold anyway)"
-    )
+        text = f"{held} predictions hold"
+    else:
+        out = [r for r in results if not r.in_scope]
+        text = (
+            f"{held} in-scope predictions hold; {len(out)} out of scope "
+            f"({sum(r.holds for r in out)} of them hold anyway)"
+        )
+    missed = [r for r in inside if not r.holds]
+    if 0 < len(missed) <= 3:
+        text += "; missed: " + ", ".join(
+            r.quantity + ("" if r.layer is None else f" (layer {r.layer})") for r in missed
+        )
+    return text
 
 
 def markdown_cell(value: object) -> str:

@@ -7,7 +7,8 @@ epochs the head is read off as a deep UFM whose ``H1`` are the backbone's featur
 structured one of ``deepufm.matrices`` (M2: Kronecker forms for the linear MSE head). The theory has
 no closed-form optimum here (the features are not free), so the report compares the *structure*
 with the predictions — K^2 outliers, knockout counts, alignments, gradient coefficients, effective
-ranks — against the issue's aims (f >= 0.9, |gamma_cc - 1/K| <= 0.05, NC1 < 1e-2).
+ranks — within :data:`HEAD_TOLERANCES`, beside the training residue that bounds how exactly they can
+hold (:func:`training_residue`).
 """
 
 from __future__ import annotations
@@ -23,18 +24,21 @@ from matplotlib.ticker import MaxNLocator
 
 from deepufm.errors import ConfigError
 from deepufm.experiments import plotting as P
-from deepufm.experiments.checks import TRAINED_RANK_RTOL
+from deepufm.experiments.checks import TRAINED_RANK_RTOL, check, over_training_results
+from deepufm.experiments.departures import departures_caption, departures_table
 from deepufm.experiments.probes import SpectralProbe
 from deepufm.experiments.report import Report, write_report, write_table
-from deepufm.experiments.results import Result, compare, experiment_config, write_results
+from deepufm.experiments.results import Result, experiment_config, write_results
 from deepufm.experiments.runs import finish_spectra, track_spectra
-from deepufm.matrices import block_hessian, layer_hessian, module_hessian, weight_gram
+from deepufm.matrices import block_hessian, module_hessian, weight_gram
 from deepufm.matrices.lanczos import frobenius_estimate, lanczos_topk
 from deepufm.metrics import class_means, outlier_count
+from deepufm.metrics.layer_report import LayerReport, layer_report
 from deepufm.metrics.spectral import singular_vector_alignment
 from deepufm.models.config import resolve_device
 from deepufm.models.resnet import batch_data_loss, curvature_mode
 from deepufm.models.ufm import DeepUFM
+from deepufm.theory.predictions import full_hessian_prediction, scalar_predictions
 from deepufm.training import network as net
 from deepufm.training import rundir as rd
 
@@ -62,6 +66,10 @@ class Preset:
 
 
 def preset(name: str, dataset: str) -> Preset:
+    """The ``name`` preset of the real-network experiment on ``dataset``: the network training
+    of :func:`deepufm.training.network.preset`, head layer 2, snapshots at 0, 1 %, 10 % and 100 %
+    of the epochs, 32 Hutchinson probes; the quick preset measures the whole Hessian on 2 images
+    per class."""
     training = net.preset(name, dataset)
     e = training.epochs
     snaps = tuple(sorted({0, e // 100, e // 10, e}))
@@ -109,6 +117,7 @@ class FullHessianComparison:
 
     @property
     def off_head_ratio(self) -> float:
+        """``||H_full - diag(0, H_WW)||_F / ||H_WW||_F``: the feature-map blocks against the head block."""
         return math.sqrt(max(self.full_fro**2 - self.head_fro**2, 0.0)) / self.head_fro
 
 
@@ -199,7 +208,20 @@ def run(
         else data.first_per_class(min(pre.full_hessian_per_class, data.n))
     )
     comparison = full_hessian_comparison(state.model, subset, cfg, k, pre.hutchinson)
-    results = _compare(records[-1], head, l)
+    results, final = _compare(head, l)
+    verdict, thm6_notes = theorem6_verdict(comparison, K)
+    T = HEAD_TOLERANCES
+    over = over_training_results(records, K, l, T["eigvec_alignment"], gamma_tol=T["gamma"])
+    # Equal outliers are a statement about an exact DNC point; the head's inputs are a
+    # network's features, not free, and v2 §5 itself reports the counts preserved but the values
+    # "not exactly equal": reported, not counted.
+    unequal = (
+        "out: equal outliers need an exact DNC point; the head's features are not free "
+        "(v2 §5: counts preserved, values not exactly equal)"
+    )
+    over = [replace(r, scope=unequal) if "outlier ratio" in r.quantity else r for r in over]
+    results += [*over, verdict]
+    residue = training_residue(final, K)
     config = experiment_config(
         experiment,
         preset_name,
@@ -209,11 +231,20 @@ def run(
         full_hessian_k=k,
         hutchinson=pre.hutchinson,
         full_hessian_per_class=subset.n,
+        images_per_class=data.n,
+        tolerances=HEAD_TOLERANCES,
         rank_rtol=TRAINED_RANK_RTOL,
     )
     # No closed-form optimum here (the features are not free): the structural predictions'
     # numbers are the constants.
-    constants = {"K": K, "outliers": K * K, "gamma_cc": 1 / K, "deep_head_spike": 1 / K}
+    S = {r.key: r.value for r in scalar_predictions(K, l)}
+    constants = {
+        "K": K,
+        "outliers": S["hessian_outliers"],
+        "gamma_cc": S["gamma_diagonal"],
+        "deep_head_spike": full_hessian_prediction(K).value,
+        "training_residue": residue,
+    }
     write_results(out / "results.json", results, config=config, constants=constants)
     figures = _figures(
         out / "figures",
@@ -225,7 +256,9 @@ def run(
         comparison,
         setting=f"K={K}, {cfg.dtype} training (head measured in float64), {state.epoch} epochs",
     )
+    rel_se = comparison.full_fro_stderr / comparison.full_fro
     tables = [
+        (departures_caption(experiment), departures_table(experiment, config)),
         (
             "Theorem 6: the full-network Hessian beside its head block (Frobenius-normalised)",
             write_table(
@@ -238,14 +271,16 @@ def run(
                     ["parameters (head)", comparison.head_parameters],
                     ["||H||_F (Hutchinson)", comparison.full_fro],
                     ["  its standard error", comparison.full_fro_stderr],
+                    ["  relative standard error", rel_se],
                     ["||H_WW||_F", comparison.head_fro],
                     ["off-head blocks / ||H_WW||_F", comparison.off_head_ratio],
                     [f"top {k}: H / ||H||_F, max", float(comparison.full[0])],
+                    ["  its standard error", float(comparison.full[0]) * rel_se],
                     [f"top {k}: H_WW / ||H_WW||_F, max", float(comparison.head[0])],
                     ["predicted spike in the deep-head limit (1/K)", 1 / K],
                 ],
             ),
-        )
+        ),
     ]
     last = records[-1]
     report = Report(
@@ -264,9 +299,21 @@ def run(
         notes=[
             "The head is not at a closed-form optimum (its input features are a network's "
             "output, not free), so the predictions compared are structural: counts, alignments "
-            "and coefficients, with the tolerances of the issue's aims.",
-            "Theorem 6 is qualitative (THEORY §6.1): the measurement is the normalised spectra of "
-            "the whole-network Hessian and of its head block, and the relative size of the rest.",
+            "and coefficients.",
+            "Tolerances: " + ", ".join(f"{key} {v:g}" for key, v in T.items()) + " (counts "
+            "exact). The training residue measured here says how far the head is from an "
+            "exact DNC point: the top K^2 Hessian eigenvalues of head layer "
+            f"{l} spread by std/mean = {residue['outlier_spread']:.3g} (0 at DNC) and the head "
+            f"input has NC1 = {residue['nc1']:.3g}; the equalities of the theory can only hold "
+            "approximately, and the tolerances are of the order of that residue. They are a "
+            "choice, set above what the quick MNIST preset measured when it was tuned (min "
+            "f_cc' 0.945, max |gamma_cc - 1/K| 0.012, effective ranks 98.8 of 100 and 10.4 of "
+            "10), not derived from the theory.",
+            "The setting departs from the paper's (table 'Departures from the paper'): the "
+            "quick preset trains a few images per class, a narrower network and fewer epochs "
+            "with momentum, in float32, to fit two CPU cores; its numbers say whether the "
+            "structure appears at that scale, not what the paper's run measured.",
+            *thm6_notes,
         ],
         results=results,
     )
@@ -274,75 +321,180 @@ def run(
     return report
 
 
-def _compare(last: dict, head: DeepUFM, l: int) -> list[Result]:
+# Tolerances of the structural rows. The head is not at an exact DNC point, so an equality of the
+# theory holds only up to the training residue (:func:`training_residue`: the relative spread of
+# the K^2 outliers, NC1 of the head input), which each report prints beside them. They are a
+# choice, set above what the quick MNIST preset measured (training.network's preset note: min
+# f_cc' 0.945, max |gamma_cc - 1/K| 0.012, effective ranks 98.8 of 100 and 10.4 of 10), not
+# derived; the counts are exact.
+HEAD_TOLERANCES: dict[str, float] = {
+    "eigvec_alignment": 0.1,
+    "gamma": 0.05,
+    "nc1": 1e-2,
+    "effective_rank": 0.2,
+    "singular_vector_alignment": 0.1,
+}
+
+
+def training_residue(report: LayerReport, K: int) -> dict[str, float]:
+    """How far the final head is from an exact DNC point, in the quantities the tolerances bound:
+    ``outlier_spread`` (std / mean of the top ``K^2`` Hessian eigenvalues; 0 at DNC) and ``nc1``
+    of the head input (0 at DNC)."""
+    top = np.asarray(report.hessian_eigenvalues[: K * K], dtype=float)
+    return {"outlier_spread": float(top.std() / top.mean()), "nc1": float(report.nc1)}
+
+
+def _compare(head: DeepUFM, l: int) -> tuple[list[Result], LayerReport]:
+    """The structural rows at the final state, from :func:`layer_report` of the head (never from
+    probe rows) and the records of :func:`~deepufm.theory.predictions.scalar_predictions`."""
     K = head.config.K
-    f = np.asarray(last["eigvec_alignment"])
-    gamma = np.asarray(last["gradient_coefficients"])
-    H = layer_hessian(head, l)
-    vals = H.eigvalsh()
-    knock = {key: torch.tensor(v) for key, v in last["knockout_eigenvalues"].items()}
+    r = layer_report(head, l, full=True, rank_rtol=TRAINED_RANK_RTOL)
+    S = {s.key: s for s in scalar_predictions(K, l)}
+    T = HEAD_TOLERANCES
+    gamma = np.asarray(r.gradient_coefficients)
+    vals = torch.tensor(r.hessian_eigenvalues)
+    knock = {key: torch.tensor(v) for key, v in r.knockout_eigenvalues.items()}
     w_vals = weight_gram(head, l).eigvalsh()
-    th = "v2 §5 / Thms 1–4"
-    return [
-        compare("min eigenvector alignment f_cc'", th, l, 1.0, f.min(), 0.1),
-        compare("max |gamma_cc - 1/K|", th, l, 0.0, np.abs(np.diag(gamma) - 1 / K).max(), 0.05),
-        compare(
-            "max off-diagonal gamma_cc'", th, l, 0.0, (gamma - np.diag(np.diag(gamma))).max(), 0.05
+    Hs = head.features()
+    left, right = singular_vector_alignment(
+        head.W[l - 1], class_means(Hs[l], K), class_means(Hs[l - 1], K)
+    )
+
+    def count(values: torch.Tensor) -> int:
+        return outlier_count(values, floor=TRAINED_RANK_RTOL)
+
+    def row(quantity, key, measured, tol):
+        return check(quantity, S[key], l, S[key].value, measured, tol)
+
+    rows = [
+        row(
+            "min eigenvector alignment f_cc'",
+            "eigvec_alignment",
+            np.min(r.eigvec_alignment),
+            T["eigvec_alignment"],
         ),
-        compare("NC1 of the head input H_l", "DNC1 (§4.1)", l, 0.0, last["nc1"][l - 1], 1e-2),
-        compare(
-            "Hessian outliers (log-gap rule)",
-            th,
+        # deviation from the record's 1/K: predicted 0, absolute tolerance
+        check(
+            "max |gamma_cc - 1/K|",
+            S["gamma_diagonal"],
             l,
-            K * K,
-            outlier_count(vals, floor=TRAINED_RANK_RTOL),
-            0,
+            0.0,
+            np.abs(np.diag(gamma) - S["gamma_diagonal"].value).max(),
+            T["gamma"],
         ),
-        compare(
+        row(
+            "max off-diagonal gamma_cc'",
+            "gamma_off_diagonal",
+            (gamma - np.diag(np.diag(gamma))).max(),
+            T["gamma"],
+        ),
+        row("NC1 of the head input H_l", "nc1", r.nc1, T["nc1"]),
+        row("Hessian outliers (log-gap rule)", "hessian_outliers", count(vals), 0),
+        row(
             "outliers left by the G_cross knockout",
-            "v2 Thm 2",
-            l,
-            K,
-            outlier_count(knock["cross"], floor=TRAINED_RANK_RTOL),
+            "knockout_cross_outliers",
+            count(knock["cross"]),
             0,
         ),
-        compare(
+        row(
             "outliers left by the G_class knockout",
-            "v2 Thm 2",
-            l,
-            K * (K - 1),
-            outlier_count(knock["class"], floor=TRAINED_RANK_RTOL),
+            "knockout_class_outliers",
+            count(knock["class"]),
             0,
         ),
-        compare(
-            "weight outliers (log-gap rule)",
-            "v2 Thm 4",
-            l,
-            K,
-            outlier_count(w_vals, floor=TRAINED_RANK_RTOL),
-            0,
+        row("weight outliers (log-gap rule)", "weight_outliers", count(w_vals), 0),
+        row(
+            "effective rank of H_l",
+            "effective_rank_hessian",
+            r.effective_rank_hessian,
+            T["effective_rank"],
         ),
-        compare(
-            "effective rank of H_l", "v2 eq. 25", l, K * K, last["effective_rank_hessian"], 0.2
+        row(
+            "effective rank of W_l",
+            "effective_rank_weight",
+            r.effective_rank_weight,
+            T["effective_rank"],
         ),
-        compare("effective rank of W_l", "v2 eq. 25", l, K, last["effective_rank_weight"], 0.2),
-        compare(
+        row(
             "min singular-vector alignment (left)",
-            "v2 Fig. 16",
-            l,
-            1.0,
-            min(last["sv_align_left"]),
-            0.1,
+            "singular_vector_alignment",
+            float(left.min()),
+            T["singular_vector_alignment"],
         ),
-        compare(
+        row(
             "min singular-vector alignment (right)",
-            "v2 Fig. 16",
-            l,
-            1.0,
-            min(last["sv_align_right"]),
-            0.1,
+            "singular_vector_alignment",
+            float(right.min()),
+            T["singular_vector_alignment"],
         ),
     ]
+    return rows, r
+
+
+# -- the Theorem 6 verdict -------------------------------------------------------------------------
+
+# Theorem 6 is a limit statement (THEORY §6.1); a finite network is judged against it to 10 %,
+# widened by two standard errors of the Hutchinson estimate of ||H||_F.
+THEOREM6_TOL = 0.1
+
+
+def theorem6_verdict(cmp: FullHessianComparison, K: int) -> tuple[Result, list[str]]:
+    """The Theorem 6 row and its explanation, from the measured comparison.
+
+    The row compares the top eigenvalue of ``H_full / ||H_full||_F`` with the deep-head limit
+    ``1/K`` (the record :func:`~deepufm.theory.predictions.full_hessian_prediction`); its error
+    bar is the Hutchinson standard error of ``||H_full||_F`` carried to the ratio (the same
+    relative size). The hypothesis (the feature-map blocks a small perturbation of the head block,
+    THEORY §6.1) is judged by the measured ``||off-head||_F / ||H_WW||_F``: at 1 or more the row
+    is out of scope. By Weyl's inequality every eigenvalue of ``H_full`` is within
+    ``||off-head||_F`` of one of ``diag(0, H_WW)``, so the K^2 plateau of the head can show in the
+    whole Hessian only when that is small against the head's spikes.
+    """
+    rec = full_hessian_prediction(K)
+    rel_se = cmp.full_fro_stderr / cmp.full_fro
+    top = float(cmp.full[0])
+    ratio = cmp.off_head_ratio
+    # d ratio / d ||H||_F = ||H||_F / (||H_WW||_F^2 ratio): the ratio's standard error
+    ratio_se = cmp.full_fro * cmp.full_fro_stderr / (cmp.head_fro**2 * ratio) if ratio else 0.0
+    tol = THEOREM6_TOL + 2 * rel_se
+    res = check(
+        "top eigenvalue of H_full / ||H_full||_F (K^2 plateau at 1/K)",
+        rec,
+        None,
+        rec.value,
+        top,
+        tol,
+        note=(
+            f"± {top * rel_se:.2g} (Hutchinson standard error of ||H_full||_F, "
+            f"{100 * rel_se:.1f} %); tolerance {THEOREM6_TOL:g} + 2 standard errors"
+        ),
+    )
+    scope = "in"
+    if ratio >= 1:
+        scope = (
+            f"out: {rec.label} needs the feature-map blocks small beside the head block "
+            f"(measured ||off-head||_F / ||H_WW||_F = {ratio:.3g} ± {ratio_se:.2g})"
+        )
+    share = cmp.head_fro / cmp.full_fro
+    head_top = float(cmp.head[0]) * share  # the head's top spike in units of ||H_full||_F
+    notes = [
+        f"Theorem 6 verdict: {'holds' if res.holds else 'does not hold'} "
+        f"{'inside' if scope == 'in' else 'outside'} its hypothesis. The head block H_WW is a "
+        f"fraction ||H_WW||_F / ||H_full||_F = {share:.2g} of the whole Hessian's norm (the "
+        f"feature-map blocks {ratio:.3g} ± {ratio_se:.2g} times the head block). By Weyl's "
+        "inequality the eigenvalues of H_full lie within ||off-head||_F of those of "
+        "diag(0, H_WW), whose K^2 spikes are at most "
+        f"{head_top:.2g} of ||H_full||_F: "
+        + (
+            "the off-head blocks swamp them, so H_full / ||H_full||_F shows no K^2 plateau at 1/K "
+            "here; the deep-head limit (L -> infinity, L_F / L -> 0) is far from this network."
+            if ratio >= 1
+            else "the head's K^2 spikes dominate, as in the deep-head limit."
+        ),
+        f"The Frobenius norm of H_full is a Hutchinson estimate with a {100 * rel_se:.1f} % "
+        "standard error, shown on the verdict row as its error bar.",
+    ]
+    return replace(res, scope=scope), notes
 
 
 # -- figures ---------------------------------------------------------------------------------------
@@ -524,9 +676,15 @@ def _figures(
 
 __all__ = [
     "DATASETS",
+    "HEAD_TOLERANCES",
+    "THEOREM6_TOL",
     "FullHessianComparison",
     "Preset",
+    "frobenius_estimate",
     "full_hessian_comparison",
+    "head_probe",
     "preset",
     "run",
+    "theorem6_verdict",
+    "training_residue",
 ]

@@ -46,6 +46,7 @@ class Result:
 
     @property
     def in_scope(self) -> bool:
+        """Whether the theorem's hypotheses hold for this row (``scope == "in"``)."""
         return self.scope == "in"
 
 
@@ -58,6 +59,9 @@ def compare(
     tolerance: float,
     note: str = "",
 ) -> Result:
+    """A :class:`Result` for ``measured`` against ``predicted``: the relative error bounded by
+    ``tolerance``, or the absolute error where the prediction is 0 (a NaN measurement never
+    holds)."""
     predicted, measured = float(predicted), float(measured)
     err = abs(measured - predicted)
     if math.isnan(err):
