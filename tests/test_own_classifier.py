@@ -4,6 +4,7 @@ per-sample Jacobian rows by `torch.func.jacrev`, NC1 and gradient coefficients i
 
 import copy
 import json
+import re
 
 import numpy as np
 import pytest
@@ -478,3 +479,135 @@ def test_the_example_runs_tiny(tmp_path):
     assert {p.name for p in figures.glob("v2-fig*.png")} == {
         f"v2-fig{n}-head-2.png" for n in (6, 16, 17, 18)
     }
+
+
+def test_cli_model_form_refusals(tmp_path, monkeypatch, capsys):
+    """Each bad input of ``analyze --model``: exit 2, one paragraph naming the parameter and the
+    value, no traceback; a float32 model gets float64 .npz data cast (from the current directory,
+    no PYTHONPATH); an occupied --out is refused before the analysis and left as it was."""
+    from deepufm.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "qa_cli_models.py").write_text(
+        "import torch\nfrom torch import nn\n\n\ndef build():\n    torch.manual_seed(0)\n"
+        "    return nn.Sequential(nn.Linear(5, 6), nn.GELU(), nn.Linear(6, 4)).float()\n\n\n"
+        "def number():\n    return 3\n"
+    )
+    model = nn.Sequential(nn.Linear(5, 6), nn.GELU(), nn.Linear(6, 4)).float()
+    torch.save(model.state_dict(), "w.pt")
+    state = model.state_dict()
+    del state["0.bias"]
+    state["extra"] = torch.zeros(1)
+    torch.save(state, "keys.pt")
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    state["2.weight"][1, 2] = float("nan")
+    torch.save(state, "nan.pt")
+    X, y = make_data()
+    X64, yn = (X.double() + 1e-9).numpy(), y.numpy()  # not representable in float32
+    np.savez("d.npz", X=X64, y=yn)
+    np.savez("noy.npz", X=X64)
+    np.savez("floaty.npz", X=X64, y=yn.astype(np.float64))
+    np.savez("one.npz", X=X64, y=np.zeros_like(yn))
+    occupied = tmp_path / "occupied"
+    occupied.mkdir()
+    (occupied / "notes.txt").write_text("keep me")
+    base = ["analyze", "--model", "qa_cli_models:build", "--weights", "w.pt", "--data"]
+    cases = [
+        (["analyze", "--model", "qa_cli_models:nothere", "--data", "d.npz"], r"--model.*nothere"),
+        (["analyze", "--model", "qa_cli_models:number", "--data", "d.npz"], r"--model.*int"),
+        (["analyze", "--model", "no_such_module:build", "--data", "d.npz"], "no_such_module"),
+        ([*base[:4], "keys.pt", "--data", "d.npz"], r"--weights.*0\.bias.*extra"),
+        ([*base[:4], "missing.pt", "--data", "d.npz"], r"--weights.*missing\.pt"),
+        ([*base, "noy.npz"], r"--data.*noy\.npz.*missing \['y'\]"),
+        ([*base, "floaty.npz"], r"--data.*floaty\.npz.*integer.*float64"),
+        ([*base, "one.npz"], r"no sample of class 1"),
+        ([*base[:4], "nan.pt", "--data", "d.npz"], r"2\.weight.*NaN"),
+        ([*base, "d.npz", "--out", "occupied"], r"--out.*occupied.*other files"),
+    ]
+    for argv, pattern in cases:
+        capsys.readouterr()
+        assert main(argv) == 2, argv
+        err = capsys.readouterr().err
+        assert err.startswith("deepufm analyze: error: invalid ") and "Traceback" not in err
+        assert re.search(pattern, " ".join(err.split())), (argv, err)
+    assert sorted(p.name for p in occupied.iterdir()) == ["notes.txt"]
+    # the float64 .npz is cast to the float32 model (the analysis itself in float64)
+    assert main([*base, "d.npz", "--linear", "2", "--json"]) == 0
+    got = json.loads(capsys.readouterr().out)
+    ref = deepufm.analyze(model, (torch.as_tensor(X64).float(), y), "mse", layers=["2"])
+    assert got == json.loads(ref.to_json())
+    uncast = deepufm.analyze(model, (torch.as_tensor(X64), y), "mse", layers=["2"])
+    assert got["config"]["data_loss"] != uncast.config["data_loss"]
+
+
+def test_write_never_deletes_a_file_it_did_not_write(tmp_path):
+    """A rewrite replaces the earlier analysis's figures, but a user's file put into figures/
+    makes it refuse, and that file (and everything else) stays."""
+    net = make_net()
+    X, y = make_data()
+    a = deepufm.analyze(net, (X, y), "mse", layers=["head.2"])
+    out = tmp_path / "out"
+    a.write(out)
+    a.write(out)
+    figs = sorted(p.name for p in (out / "figures").iterdir())
+    assert figs == ["effective-ranks.png", "layer-head.2.png"]
+    (out / "figures" / "mine.png").write_bytes(b"not ours")
+    with pytest.raises(ConfigError, match=r"figures/ also holds \['mine\.png'\]"):
+        a.write(out)
+    assert sorted(p.name for p in (out / "figures").iterdir()) == [*figs[:1], *figs[1:], "mine.png"]
+    assert (out / "figures" / "mine.png").read_bytes() == b"not ours"
+    assert (out / "results.json").exists()
+
+
+def test_analyze_leaves_a_float64_model_bitwise_unchanged():
+    """Analysed in its own dtype (no copy is made): parameters and buffers bitwise equal,
+    train/eval flags, requires_grad and .grad as they were."""
+    torch.manual_seed(2)
+    net = nn.Sequential(
+        nn.Linear(5, 6), nn.BatchNorm1d(6), nn.GELU(), nn.Dropout(0.2), nn.Linear(6, K)
+    ).double()
+    X, y = make_data()
+    net.train()
+    net(X.double()).sum().backward()  # running statistics moved, gradients present
+    net[0].weight.requires_grad_(False)
+    net[4].eval()
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    grads = {n: None if p.grad is None else p.grad.clone() for n, p in net.named_parameters()}
+    flags = [m.training for m in net.modules()]
+    deepufm.analyze(net, (X.double(), y), "ce", dtype=None)
+    assert [m.training for m in net.modules()] == flags
+    assert all(torch.equal(before[k], v) for k, v in net.state_dict().items())
+    for n, p in net.named_parameters():
+        assert p.requires_grad == (n != "0.weight")
+        g = grads[n]
+        assert (p.grad is None) == (g is None) and (g is None or torch.equal(p.grad, g)), n
+
+
+def test_a_stalled_lanczos_falls_back_to_the_dense_hessian(monkeypatch):
+    """Block Lanczos on a curved layer that cannot converge (as it can on E's near-null
+    cluster): a layer small enough is formed densely instead, every eigenvalue against dense
+    autograd, and the record says so. (The stall is simulated: use_exact forced off, the
+    iterative solver raising for the matrix-free operators.)"""
+    from deepufm.analysis import layer as layer_mod
+    from deepufm.errors import ConvergenceError
+    from deepufm.matrices import spectra
+
+    net = make_net()
+    X, y = make_data()
+    original = spectra.iterative_topk
+
+    def stalls(op, k, tol=0.0, **kw):
+        if op.matrix_free:
+            raise ConvergenceError("block Lanczos", k, 1234)
+        return original(op, k, tol, **kw)
+
+    monkeypatch.setattr(layer_mod, "use_exact", lambda *a, **kw: False)
+    monkeypatch.setattr(spectra, "use_exact", lambda *a, **kw: False)
+    monkeypatch.setattr(spectra, "iterative_topk", stalls)
+    a = deepufm.analyze(net, (X, y), "mse", layers=["head.0"])
+    r = a.layer("head.0")
+    assert "did not converge after 1234 products, so H was formed densely" in r["hessian_route"]
+    ref = torch.linalg.eigvalsh(dense_layer_hessian(net, X, y, "head.0", "mse")).flip(0)
+    got = torch.tensor(r["hessian_eigenvalues"])
+    assert float((got - ref[: K * K + K]).abs().max()) <= 1e-10 * float(ref.abs().max())
+    assert r["residual_relative_norm_method"] == "exact (dense H and G)"

@@ -55,7 +55,7 @@ from torch import Tensor, nn
 
 from deepufm.analysis.capture import Downstream
 from deepufm.analysis.inputs import Batches, DataLoss
-from deepufm.errors import ConfigError
+from deepufm.errors import ConfigError, ConvergenceError
 from deepufm.matrices import (
     DenseSymmetric,
     JacobianGram,
@@ -382,7 +382,52 @@ def layer_record(
                 "Hessian-vector products). Without full, the top K^2 + K are certified "
                 "matrix-free.",
             )
-        if full or use_exact(p, keep, matrix_free=True):
+        fallback = ""
+        dense_route = full or use_exact(p, keep, matrix_free=True)
+        if not dense_route:
+            try:
+                H = op
+                vals = None
+                top = op.topk(keep, strict=strict)
+                E = op - G  # a sum of operators: products of H and of the structured G
+                e_top = E.topk(keep, strict=strict)
+                e_low = (-1.0 * E).topk(keep, strict=strict)
+                certificates["residual_top"] = certificate_summary(e_top)
+                certificates["residual_bottom"] = certificate_summary(e_low)
+                # the extreme pairs of E together: orthonormal (distinct eigenvalues, 2k < p)
+                ext_vals = torch.cat([e_top.values, -e_low.values])
+                ext_vecs = torch.linalg.qr(torch.cat([e_top.vectors, e_low.vectors], dim=1))[0]
+                ratio, stderr = _relative_residual(
+                    E, op, (ext_vals, ext_vecs), (top.values, top.vectors), residual_probes, seed
+                )
+                residual.update(
+                    residual_eigenvalues=e_top.values.tolist(),
+                    residual_eigenvalues_bottom=(-e_low.values).tolist(),
+                    residual_relative_norm=ratio,
+                    residual_relative_norm_stderr=stderr,
+                    residual_relative_norm_method=(
+                        f"Hutchinson, {residual_probes} Rademacher probes on the complement of the "
+                        "certified extreme eigenvectors (counted exactly), for ||E||_F and ||H||_F; "
+                        "standard error by the delta method"
+                    ),
+                )
+                how = (
+                    f"matrix-free: H from Hessian-vector products on (weight, bias) ({why}), "
+                    f"certified top {keep} by {top.certificate.method}; G structured, {kind}; "
+                    "E = H - G as an operator"
+                )
+            except ConvergenceError as exc:
+                # Block Lanczos can stall on E's large near-null cluster; a layer this small is
+                # cheaper formed densely (p products) than certified iteratively anyway.
+                if p > MAX_DENSE:
+                    raise
+                dense_route = True
+                fallback = (
+                    f" (block Lanczos did not converge after {exc.products} products, so H "
+                    "was formed densely)"
+                )
+                certificates.clear()
+        if dense_route:
             # the engine's switch: p products and a dense eigh are cheaper than Lanczos here
             Hd = DenseSymmetric(op.dense())
             H = Hd
@@ -401,38 +446,8 @@ def layer_record(
             )
             how = (
                 f"matrix-free: H from Hessian-vector products on (weight, bias) ({why}), formed "
-                f"densely ({p} products, every eigenvalue); G structured, {kind}; E = H - G"
-            )
-        else:
-            H = op
-            vals = None
-            top = op.topk(keep, strict=strict)
-            E = op - G  # a sum of operators: products of H and of the structured G
-            e_top = E.topk(keep, strict=strict)
-            e_low = (-1.0 * E).topk(keep, strict=strict)
-            certificates["residual_top"] = certificate_summary(e_top)
-            certificates["residual_bottom"] = certificate_summary(e_low)
-            # the extreme pairs of E together: orthonormal (distinct eigenvalues, 2k < p)
-            ext_vals = torch.cat([e_top.values, -e_low.values])
-            ext_vecs = torch.linalg.qr(torch.cat([e_top.vectors, e_low.vectors], dim=1))[0]
-            ratio, stderr = _relative_residual(
-                E, op, (ext_vals, ext_vecs), (top.values, top.vectors), residual_probes, seed
-            )
-            residual.update(
-                residual_eigenvalues=e_top.values.tolist(),
-                residual_eigenvalues_bottom=(-e_low.values).tolist(),
-                residual_relative_norm=ratio,
-                residual_relative_norm_stderr=stderr,
-                residual_relative_norm_method=(
-                    f"Hutchinson, {residual_probes} Rademacher probes on the complement of the "
-                    "certified extreme eigenvectors (counted exactly), for ||E||_F and ||H||_F; "
-                    "standard error by the delta method"
-                ),
-            )
-            how = (
-                f"matrix-free: H from Hessian-vector products on (weight, bias) ({why}), "
-                f"certified top {keep} by {top.certificate.method}; G structured, {kind}; "
-                "E = H - G as an operator"
+                f"densely ({p} products, every eigenvalue){fallback}; G structured, {kind}; "
+                "E = H - G"
             )
     certificates = {"hessian": certificate_summary(top), **certificates}
     spectrum = vals if vals is not None else top.values

@@ -63,8 +63,9 @@ def load_weights(model: nn.Module, path: str | Path) -> None:
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as exc:
+        detail = " ".join(str(exc).split())  # torch's message spans indented lines
         raise ConfigError(
-            "--weights", str(path), "a state_dict with exactly the model's keys", str(exc)
+            "--weights", str(path), "a state_dict with exactly the model's keys and shapes", detail
         ) from exc
 
 
@@ -88,7 +89,20 @@ def load_data(
                 )
             X, y = f["X"], f["y"]
         if not np.issubdtype(y.dtype, np.integer):
-            raise ConfigError("--data y", str(y.dtype), "integer class labels")
+            raise ConfigError(
+                "--data",
+                spec,
+                "an .npz whose y holds integer class labels 0..K-1",
+                f"Its y has dtype {y.dtype}; save y.astype(np.int64) if the labels are whole "
+                "numbers.",
+            )
+        if y.ndim != 1 or X.shape[:1] != y.shape:
+            raise ConfigError(
+                "--data",
+                spec,
+                "an .npz with X of shape (N, ...) and y of shape (N,)",
+                f"X has shape {X.shape}, y {y.shape}.",
+            )
         return (
             torch.as_tensor(X).to(device=device, dtype=dtype),
             torch.as_tensor(y, dtype=torch.long).to(device),

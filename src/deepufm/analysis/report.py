@@ -25,36 +25,59 @@ MARKER = ".deepufm-analysis"
 OUTPUTS = ("figures", "results.json", "report.md", "report.html", MARKER)
 
 
+def check_out_dir(out: Path, param: str = "out_dir") -> None:
+    """Refuse, before anything is computed or written, an ``out`` that :func:`prepare_out_dir`
+    would refuse (``param`` names it in the message: ``--out`` on the command line)."""
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise ConfigError(param, str(out), "a folder (this is a file)")
+    if not (out.is_dir() and any(out.iterdir())):
+        return
+    if not (out / MARKER).exists():
+        raise ConfigError(
+            param,
+            str(out),
+            "a new or empty folder, or one written by an earlier deepufm analysis",
+            "It holds other files; nothing was written.",
+        )
+    extra = sorted(p.name for p in out.iterdir() if p.name not in OUTPUTS)
+    if extra:
+        raise ConfigError(
+            param,
+            str(out),
+            "a folder holding only deepufm analysis outputs",
+            f"It also holds {extra[:5]}; nothing was written.",
+        )
+    figures = out / "figures"
+    if figures.exists():
+        # only the figures the marker lists are ours: a user's file there is never deleted
+        ours = set((out / MARKER).read_text().splitlines()[1:])
+        entries = list(figures.iterdir()) if figures.is_dir() else [figures]
+        foreign = sorted(f.name for f in entries if f.is_dir() or f"figures/{f.name}" not in ours)
+        if foreign or not figures.is_dir():
+            raise ConfigError(
+                param,
+                str(out),
+                "a folder holding only deepufm analysis outputs",
+                f"Its figures/ also holds {foreign[:5]}, which this analysis did not write; "
+                "nothing was written.",
+            )
+
+
 def prepare_out_dir(out: Path) -> None:
     """Create ``out``, accept an existing empty folder or one an earlier analysis wrote (its
     outputs are replaced); refuse anything else rather than mix files or delete a user's."""
-    if out.exists() and not out.is_dir():
-        raise ConfigError("out_dir", str(out), "a folder (this is a file)")
-    if out.is_dir() and any(out.iterdir()):
-        if not (out / MARKER).exists():
-            raise ConfigError(
-                "out_dir",
-                str(out),
-                "a new or empty folder, or one written by an earlier deepufm analysis",
-                "It holds other files; nothing was written.",
-            )
-        extra = sorted(p.name for p in out.iterdir() if p.name not in OUTPUTS)
-        if extra:
-            raise ConfigError(
-                "out_dir",
-                str(out),
-                "a folder holding only deepufm analysis outputs",
-                f"It also holds {extra[:5]}; nothing was written.",
-            )
-        for name in OUTPUTS:
-            path = out / name
-            if path.is_dir():
-                for f in path.iterdir():
-                    f.unlink()
-                path.rmdir()
-            else:
-                path.unlink(missing_ok=True)
+    check_out_dir(out)
+    figures = out / "figures"
+    if figures.is_dir():
+        for f in figures.iterdir():
+            f.unlink()
+        figures.rmdir()
+    if out.is_dir():
+        for name in OUTPUTS[1:]:
+            (out / name).unlink(missing_ok=True)
     out.mkdir(parents=True, exist_ok=True)
+    # a header line, then (save_png) every figure written, the files a later write may replace
     (out / MARKER).write_text("written by deepufm.analyze (Analysis.write)\n")
 
 
@@ -181,6 +204,10 @@ def _network_figure(fig_dir: Path, network: dict) -> tuple[str, str, Path]:
 def save_png(fig, fig_dir: Path, name: str) -> Path:
     """``name.png`` only (PDFs double the time, and a user's analysis may have many layers)."""
     fig_dir.mkdir(parents=True, exist_ok=True)
+    marker = fig_dir.parent / MARKER
+    if marker.exists():  # listed before it exists: a later write may replace it, even after a crash
+        with marker.open("a") as f:
+            f.write(f"{fig_dir.name}/{name}.png\n")
     with plt.rc_context(P.STYLE):
         fig.tight_layout()
         fig.savefig(fig_dir / f"{name}.png")

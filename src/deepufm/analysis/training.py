@@ -29,8 +29,10 @@ without it.
 
 from __future__ import annotations
 
+import hashlib
 import math
 from collections.abc import Iterable, Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -41,6 +43,7 @@ from torch import nn
 from deepufm.analysis.api import analyze
 from deepufm.analysis.inputs import LossFn, as_batches
 from deepufm.errors import ConfigError
+from deepufm.training import lock
 from deepufm.training import manifest as mf
 from deepufm.training import rundir as rd
 
@@ -72,7 +75,7 @@ RECORD_KEYS = (
     "effective_rank_weight",
 )
 FORMATS = ("png", "pdf")
-RESERVED = ("epoch", "data_loss", "accuracy", "K", "N", "layers")
+RESERVED = ("epoch", "data_loss", "accuracy", "K", "N", "data_fingerprint", "layers")
 
 
 class TrainingProbe:
@@ -130,6 +133,7 @@ class TrainingProbe:
         self.options = analyze_options
         # The data are read once: a DataLoader is then not re-iterated at every probe.
         self.data = list(as_batches(data, analyze_options.pop("batch_size", None)))
+        self.fingerprint = _fingerprint(self.data)
         self.out_dir = None if out_dir is None else Path(out_dir)
         self.overwrite = overwrite
         self.records: list[dict[str, Any]] = []
@@ -158,6 +162,8 @@ class TrainingProbe:
                 raise ConfigError(key, extra[key], f"a key other than {', '.join(RESERVED)}")
         if not self.due(epoch):
             return None
+        if self.out_dir is not None and not self._opened:
+            self._check_same_run(rd.scan_metrics(self.out_dir)[0] if self._resumable() else [])
         analysis = _measure(model, self.data, self.loss, self.layers, self.options)
         layers = [
             dict(r) if self.keys == "all" else {k: r[k] for k in self.keys if k in r}
@@ -169,14 +175,74 @@ class TrainingProbe:
             "accuracy": analysis.config["accuracy"],
             "K": analysis.config["K"],
             "N": analysis.config["N"],
+            "data_fingerprint": self.fingerprint,
             **extra,
             "layers": layers,
         }
+        kept = [r for r in self.records if r["epoch"] < epoch]
+        if self.out_dir is not None and self._resumable():
+            kept = [r for r in rd.scan_metrics(self.out_dir)[0] if r["epoch"] < epoch]
+        self._check_same_run(kept, record)
         self.records = [r for r in self.records if r["epoch"] < epoch]
         self.records.append(record)
         if self.out_dir is not None:
             self._write(record)
         return record
+
+    def _resumable(self) -> bool:
+        """Whether the next write continues the log in ``out_dir`` (this probe's own run)."""
+        if self._opened:
+            return True
+        manifest = mf.read_manifest(self.out_dir) if self.out_dir.is_dir() else None
+        return not self.overwrite and manifest is not None and manifest.kind == KIND
+
+    def _check_same_run(self, rows: list[dict[str, Any]], record: dict | None = None) -> None:
+        """Refuse a record that cannot continue ``rows`` (one trajectory): other data (a
+        resumed loop given another data set), another number of classes or other layers."""
+        if not rows:
+            return
+        first = rows[0]
+        where = f"the log in {self.out_dir}" if self.out_dir is not None else "the logged records"
+        old = first.get("data_fingerprint")
+        if old is not None and old != self.fingerprint:
+            raise ConfigError(
+                "data",
+                f"{self.fingerprint[:12]}... (N={sum(len(b[1]) for b in self.data)})",
+                f"the data of {where} (fingerprint {old[:12]}..., N={first['N']})",
+                "A probe continues one trajectory measured on one data set; give the same "
+                "(X, y) as before, or start a new out_dir (or overwrite=True).",
+            )
+        if record is None:
+            return
+        names = [r["name"] for r in record["layers"]]
+        old_names = [r["name"] for r in first["layers"]]
+        if record["K"] != first["K"] or names != old_names:
+            raise ConfigError(
+                "model",
+                f"K={record['K']} classes, layers {names}",
+                f"K={first['K']} and layers {old_names}, as in {where}",
+                "The model's output or its analysed layers changed; one log holds one "
+                "model's trajectory: start a new out_dir (or overwrite=True).",
+            )
+
+    def close(self) -> None:
+        """Mark the run finished: ``manifest.json`` gets status ``"complete"`` (and what an
+        overwritten earlier run wrote and this one did not is deleted). :meth:`figures` still
+        works afterwards; a later call of the probe continues the log (status ``"running"``
+        again). Without ``out_dir`` nothing to do."""
+        if self.out_dir is None or not self._resumable():
+            return
+        with lock.locked(self.out_dir):
+            mf.finish(self.out_dir)
+
+    def __enter__(self) -> TrainingProbe:
+        """``with TrainingProbe(...) as probe:`` closes the run when the block ends normally."""
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        """Close on a normal exit; after an exception the run stays ``"running"`` (resumable)."""
+        if exc_type is None:
+            self.close()
 
     def _write(self, record: dict[str, Any]) -> None:
         resume = self._opened or not self.overwrite
@@ -186,6 +252,9 @@ class TrainingProbe:
             if not resuming:  # a new run (or one replacing another): an empty log first
                 rd.rewrite_metrics(self.out_dir, [])
             self._opened = True
+            manifest = mf.read_manifest(self.out_dir)
+            if manifest is not None and manifest.complete:  # a closed run continued
+                mf.write_manifest(self.out_dir, replace(manifest, status="running"))
             rows, dropped = rd.scan_metrics(self.out_dir)
             if dropped or any(r["epoch"] >= record["epoch"] for r in rows):
                 # A resumed loop re-runs these epochs: the log keeps one trajectory.
@@ -209,6 +278,17 @@ class TrainingProbe:
                 raise ConfigError("out_dir", None, "a folder for the figures (the probe has none)")
             return save_figures(draw_overtraining(self.records, layers), Path(out_dir), formats)
         return overtraining_figures(self.out_dir, out_dir, layers, formats)
+
+
+def _fingerprint(batches: list) -> str:
+    """A hash of the data's values, dtypes and shapes (one trajectory is one data set)."""
+    h = hashlib.blake2b(digest_size=16)
+    for X, y in batches:
+        for t in (X, y):
+            t = t.detach().cpu().contiguous()
+            h.update(f"{t.dtype}{tuple(t.shape)}".encode())
+            h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
 
 
 def _epoch(name: str, value: Any) -> int:
