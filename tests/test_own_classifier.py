@@ -334,6 +334,8 @@ def test_refusals_name_what_and_why():
         deepufm.analyze(net, (X, y.double()), "mse")
     with pytest.raises(ConfigError, match="loss"):
         deepufm.analyze(net, (X, y), "hinge")
+    with pytest.raises(ConfigError, match=r"X of shape \(23, 6\).*forward pass .* failed: mat1"):
+        deepufm.analyze(net, (torch.randn(23, 6), y), "mse")  # not the model's input width
     with pytest.raises(ConfigError, match="batch mean"):
         deepufm.analyze(net, (X, y), lambda z, t: F.cross_entropy(z, t, reduction="sum"))
 
