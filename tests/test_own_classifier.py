@@ -334,6 +334,12 @@ def test_refusals_name_what_and_why():
         deepufm.analyze(net, (X, y.double()), "mse")
     with pytest.raises(ConfigError, match="loss"):
         deepufm.analyze(net, (X, y), "hinge")
+    # numpy arrays are taken as tensors; a numpy float label is refused like a tensor one
+    a_np = deepufm.analyze(net, (X.numpy(), y.numpy()), "mse", layers=["head.2"])
+    a_t = deepufm.analyze(net, (X, y), "mse", layers=["head.2"])
+    assert a_np.to_dict() == a_t.to_dict()
+    with pytest.raises(ConfigError, match="integer"):
+        deepufm.analyze(net, (X.numpy(), y.numpy().astype(float)), "mse")
     with pytest.raises(ConfigError, match=r"X of shape \(23, 6\).*forward pass .* failed: mat1"):
         deepufm.analyze(net, (torch.randn(23, 6), y), "mse")  # not the model's input width
     with pytest.raises(ConfigError, match="batch mean"):

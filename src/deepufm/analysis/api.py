@@ -205,7 +205,7 @@ def analyze(
         model: any ``nn.Module`` mapping a batch ``X`` to logits ``(B, K)``. Measured in eval mode
             (BatchNorm running statistics, no dropout) on its own device; its parameters, buffers
             and train/eval flags are left as they were.
-        data (tuple | Iterable): ``(X, y)`` tensors or a re-iterable of ``(X, y)`` batches (a ``DataLoader`` without
+        data (tuple | Iterable): ``(X, y)`` tensors (or numpy arrays) or a re-iterable of ``(X, y)`` batches (a ``DataLoader`` without
             shuffling or augmentation: the data are read twice and must agree); ``y`` integer
             labels in ``[0, K)``, any order, classes of any size (none empty).
         loss: ``"mse"`` — the paper's ``1/(2N) sum ||z - e_y||^2``, i.e. ``K/2`` times
