@@ -236,12 +236,17 @@ def _figures(fig_dir: Path, K: int, layers) -> list[tuple[str, str, Path]]:
             # a log axis down to round-off only: exact zeros would stretch it over 300 decades
             v = np.clip(np.asarray(vals, dtype=np.float64), 1e-16 * top, None)
             ax.semilogy(np.arange(1, len(v) + 1), v, marker, ms=3.5, mfc="none", label=label)
-        ax.axvline(r["outlier_count"] + 0.5, color="C3", ls=":", lw=0.9, label="outliers")
+        shown = max(len(v) for _, v, _ in series)
+        if r["outlier_count"] < shown:
+            ax.axvline(r["outlier_count"] + 0.5, color="C3", ls=":", lw=0.9, label="outliers")
+        else:  # a line far right of the plotted top k would squeeze them against the axis
+            ax.plot([], [], " ", label=f"outliers: {r['outlier_count']} (> {shown} shown)")
         ax.axvline(K * K + 0.5, color="k", ls="--", lw=0.8, label=f"K^2 = {K * K}")
         ax.set_xlabel("index")
         ax.set_ylabel("eigenvalue")
         ax.set_title(f"{name}: layer Hessian and knockouts")
-        ax.legend(ncol=2)
+        # below the axes: wherever it sits inside, some spectrum runs under it
+        ax.legend(ncol=3, loc="upper center", bbox_to_anchor=(0.5, -0.2), fontsize="small")
         sv2 = np.asarray(r["weight_singular_values"]) ** 2
         P.spectrum_panel(axes[0, 1], sv2, K, f"{name}: eigenvalues of W^T W")
         for ax, key, title in (
