@@ -13,7 +13,11 @@ with per layer the keys of :data:`RECORD_KEYS` (all of the analysis record with 
 **The probe convention** is that of the trainers (:mod:`deepufm.training.probes`): a call
 ``probe(model, epoch)`` at the epochs the probe is scheduled for (``every``, ``at``), a record per
 call with an integer ``"epoch"`` in ``metrics.jsonl``, and a run directory with a
-``manifest.json`` (kind ``"probe"``: only files the probe wrote are ever replaced).
+``manifest.json`` (kind ``"probe"``: only files the probe wrote are ever replaced), whose status
+is ``"running"`` until :meth:`TrainingProbe.close` (or the end of a ``with TrainingProbe(...) as
+probe:`` block) marks it ``"complete"``. One log is one trajectory: a probe resumed on other data
+(a hash of ``X`` and ``y``, ``data_fingerprint`` in every row) or with a model whose classes or
+analysed layers changed is refused.
 
 **Restart-safe.** The log always describes one trajectory, in increasing epochs: a call at an
 epoch at or before the last logged one (a user loop resumed from an earlier checkpoint) first
