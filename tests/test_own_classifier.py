@@ -340,6 +340,24 @@ def test_refusals_name_what_and_why():
     assert a_np.to_dict() == a_t.to_dict()
     with pytest.raises(ConfigError, match="integer"):
         deepufm.analyze(net, (X.numpy(), y.numpy().astype(float)), "mse")
+    Xn = X.clone()
+    Xn[3, 1] = float("nan")
+    with pytest.raises(ConfigError, match=r"data X.*batch 0.*1 of its 115 entries are NaN"):
+        deepufm.analyze(net, (Xn, y), "mse")
+
+    class Overflow(nn.Module):
+        def forward(self, z):
+            return z * 1e308 * 1e308  # finite parameters, infinite logits
+
+    with pytest.raises(
+        ConfigError, match=r"non-finite logits for samples \[0, 1, 2, 3, 4\] \.\.\."
+    ):
+        deepufm.analyze(nn.Sequential(net, Overflow()), (X, y), "mse")
+    huge = make_net()
+    with torch.no_grad():
+        huge.head[0].weight.mul_(1e300)  # finite logits, but their curvature overflows
+    with pytest.raises(ConfigError, match=r"layers.*'body\.0'.*overflow or hold NaN in float64"):
+        deepufm.analyze(huge, (X, y), "mse")
     with pytest.raises(ConfigError, match=r"X of shape \(23, 6\).*forward pass .* failed: mat1"):
         deepufm.analyze(net, (torch.randn(23, 6), y), "mse")  # not the model's input width
     with pytest.raises(ConfigError, match="batch mean"):

@@ -29,9 +29,9 @@ LOSSES = ("mse", "ce")
 
 # -- data ------------------------------------------------------------------------------------------
 def as_batches(data: object, batch_size: int | None = None) -> Batches:
-    """``(X, y)`` tensors or numpy arrays (split into ``batch_size`` chunks; one batch by default) or a re-iterable
-    of ``(X, y)`` batches, read twice: the two passes must agree exactly (no shuffling, no
-    augmentation), else the Hessian of "the" data set would not be defined."""
+    """``(X, y)`` tensors or numpy arrays (split into ``batch_size`` chunks; one batch by
+    default) or a re-iterable of ``(X, y)`` batches, read twice: the two passes must agree exactly
+    (no shuffling, no augmentation), else the Hessian of "the" data set would not be defined."""
     if batch_size is not None and (
         isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1
     ):

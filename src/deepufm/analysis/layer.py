@@ -406,9 +406,9 @@ def layer_record(
                     residual_relative_norm=ratio,
                     residual_relative_norm_stderr=stderr,
                     residual_relative_norm_method=(
-                        f"Hutchinson, {residual_probes} Rademacher probes on the complement of the "
-                        "certified extreme eigenvectors (counted exactly), for ||E||_F and ||H||_F; "
-                        "standard error by the delta method"
+                        f"Hutchinson, {residual_probes} Rademacher probes on the complement of "
+                        "the certified extreme eigenvectors (counted exactly), for ||E||_F and "
+                        "||H||_F; standard error by the delta method"
                     ),
                 )
                 how = (
