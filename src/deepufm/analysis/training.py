@@ -436,7 +436,7 @@ def draw_overtraining(
                                label=f"DNC: off-diagonal {ref_off:.3g}")  # fmt: skip
                 _epoch_axis(ax)
                 ax.set_ylabel(sym)
-                ax.set_title(f"{sym} over training ({where})")
+                ax.set_title(f"{sym} over training\n({where})")
                 _legend(ax)
             figs.append(
                 (
@@ -462,7 +462,7 @@ def draw_overtraining(
                 _epoch_axis(ax)
                 ax.set_ylabel("f")
                 what = "mu'_c; W W^T" if side == "left" else "mu_c; W^T W"
-                ax.set_title(f"{side} singular vectors, f({what}) ({where})")
+                ax.set_title(f"{side} singular vectors, f({what})\n({where})")
                 _legend(ax)
             figs.append(
                 (
@@ -486,7 +486,7 @@ def draw_overtraining(
                     ax.axhline(ref, color="k", ls=":", lw=0.9, gid="reference", label=f"DNC: {ref}")
                 _epoch_axis(ax)
                 ax.set_ylabel("effective rank")
-                ax.set_title(f"effective rank of {sym} ({where})")
+                ax.set_title(f"effective rank of {sym}\n({where})")
                 _legend(ax)
             figs.append(
                 (
@@ -516,7 +516,7 @@ def draw_overtraining(
                 ax.set_yscale("log")
                 _epoch_axis(ax)
                 ax.set_ylabel("eigenvalue")
-                ax.set_title(f"outliers: {label} ({where})")
+                ax.set_title(f"outliers: {label}\n({where})")
                 _legend(ax)
                 with np.errstate(invalid="ignore", divide="ignore"):
                     rel = std / np.abs(mean)
@@ -524,7 +524,7 @@ def draw_overtraining(
             ratio_ax.set_yscale("log")
             _epoch_axis(ratio_ax)
             ratio_ax.set_ylabel("std / mean")
-            ratio_ax.set_title(f"relative spread of the outliers (-> 0) ({where})")
+            ratio_ax.set_title(f"relative spread of the outliers (-> 0)\n({where})")
             _legend(ratio_ax)
             figs.append(
                 (
@@ -546,7 +546,7 @@ def draw_overtraining(
                 ax.set_yscale("log")
                 _epoch_axis(ax)
                 ax.set_ylabel("eigenvalue")
-                ax.set_title(f"top Hessian eigenvalues over training ({where})")
+                ax.set_title(f"top Hessian eigenvalues over training\n({where})")
                 _legend(ax)
                 figs.append(
                     (
