@@ -528,6 +528,8 @@ def test_cli_model_form_refusals(tmp_path, monkeypatch, capsys):
     state = {k: v.clone() for k, v in model.state_dict().items()}
     state["2.weight"][1, 2] = float("nan")
     torch.save(state, "nan.pt")
+    torch.save(model, "whole.pt")  # a pickled module, not a state_dict
+    torch.save({"state_dict": model.state_dict(), "epoch": 3}, "ckpt.pt")
     X, y = make_data()
     X64, yn = (X.double() + 1e-9).numpy(), y.numpy()  # not representable in float32
     np.savez("d.npz", X=X64, y=yn)
@@ -544,6 +546,8 @@ def test_cli_model_form_refusals(tmp_path, monkeypatch, capsys):
         (["analyze", "--model", "no_such_module:build", "--data", "d.npz"], "no_such_module"),
         ([*base[:4], "keys.pt", "--data", "d.npz"], r"--weights.*0\.bias.*extra"),
         ([*base[:4], "missing.pt", "--data", "d.npz"], r"--weights.*missing\.pt"),
+        ([*base[:4], "whole.pt", "--data", "d.npz"], r"--weights.*pickled model.*state_dict\(\)"),
+        ([*base[:4], "ckpt.pt", "--data", "d.npz"], r"key 'state_dict' holds a dict"),
         ([*base, "noy.npz"], r"--data.*noy\.npz.*missing \['y'\]"),
         ([*base, "floaty.npz"], r"--data.*floaty\.npz.*integer.*float64"),
         ([*base, "one.npz"], r"no sample of class 1"),

@@ -55,8 +55,17 @@ def load_weights(model: nn.Module, path: str | Path) -> None:
     try:
         state = torch.load(path, map_location=device, weights_only=True)
     except Exception as exc:  # unpickling errors come in many types
+        text = " ".join(str(exc).split())
+        if "Weights only load failed" in text or "Unsupported global" in text:
+            # torch's message is a page long; what the user needs is what to save instead
+            detail = (
+                "It holds more than tensors (a whole pickled model?); deepufm loads state_dicts "
+                "only, with weights_only=True: save one with torch.save(model.state_dict(), path)."
+            )
+        else:
+            detail = text[:300]
         raise ConfigError(
-            "--weights", str(path), "a state_dict saved with torch.save", str(exc)
+            "--weights", str(path), "a state_dict saved with torch.save", detail
         ) from exc
     if not isinstance(state, dict):
         raise ConfigError("--weights", str(path), "a state_dict (a dict of tensors)")
@@ -64,6 +73,12 @@ def load_weights(model: nn.Module, path: str | Path) -> None:
         model.load_state_dict(state, strict=True)
     except RuntimeError as exc:
         detail = " ".join(str(exc).split())  # torch's message spans indented lines
+        nested = [k for k, v in state.items() if isinstance(v, dict)]
+        if nested:
+            detail += (
+                f" Its key {nested[0]!r} holds a dict (a training checkpoint?): save that "
+                f"state_dict on its own, torch.save(checkpoint[{nested[0]!r}], path)."
+            )
         raise ConfigError(
             "--weights", str(path), "a state_dict with exactly the model's keys and shapes", detail
         ) from exc
