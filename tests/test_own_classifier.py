@@ -641,3 +641,42 @@ def test_a_stalled_lanczos_falls_back_to_the_dense_hessian(monkeypatch):
     got = torch.tensor(r["hessian_eigenvalues"])
     assert float((got - ref[: K * K + K]).abs().max()) <= 1e-10 * float(ref.abs().max())
     assert r["residual_relative_norm_method"] == "exact (dense H and G)"
+
+
+def test_a_large_layer_whose_residual_stalls_is_flagged_not_fatal(monkeypatch, tmp_path):
+    """Above the dense limit, a stalled Lanczos on E = H - G (H itself certified) leaves H's
+    numbers, against dense autograd, and flags E: ``uncertified``, no residual, the route says
+    why; with ``strict=True`` it raises. (The limit is lowered and the stall simulated.)"""
+    from deepufm.analysis import layer as layer_mod
+    from deepufm.errors import ConvergenceError
+    from deepufm.matrices import spectra
+    from deepufm.matrices.operator import LinearCombination
+
+    net = make_net()
+    X, y = make_data()
+    original = spectra.iterative_topk
+
+    def stalls_on_e(op, k, tol=0.0, **kw):
+        if isinstance(op, LinearCombination) and op.matrix_free:
+            raise ConvergenceError("block Lanczos", k, 999)
+        return original(op, k, tol, **kw)
+
+    monkeypatch.setattr(layer_mod, "MAX_DENSE", 10)
+    monkeypatch.setattr(layer_mod, "use_exact", lambda *a, **kw: False)
+    monkeypatch.setattr(spectra, "use_exact", lambda *a, **kw: False)
+    monkeypatch.setattr(spectra, "iterative_topk", stalls_on_e)
+    a = deepufm.analyze(net, (X, y), "mse", layers=["head.0"])
+    r = a.layer("head.0")
+    a.write(tmp_path / "out")  # the report states it
+    assert (
+        "head.0: the top 20 of residual_top by block Lanczos are NOT certified"
+        in (tmp_path / "out" / "report.md").read_text()
+    )
+    assert "its extreme eigenvalues NOT found" in r["hessian_route"]
+    assert r["uncertified"] == ["residual_top"] and r["certificates"]["hessian"]["certified"]
+    assert r["residual_eigenvalues"] is None and r["residual_relative_norm"] is None
+    ref = torch.linalg.eigvalsh(dense_layer_hessian(net, X, y, "head.0", "mse")).flip(0)
+    got = torch.tensor(r["hessian_eigenvalues"])
+    assert float((got - ref[: K * K + K]).abs().max()) <= 1e-8 * float(ref.abs().max())
+    with pytest.raises(ConvergenceError):
+        deepufm.analyze(net, (X, y), "mse", layers=["head.0"], strict=True)

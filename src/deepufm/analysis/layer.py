@@ -272,6 +272,22 @@ def _dense_topk(M: DenseSymmetric, k: int, method: str, products: int, strict: b
     return vals, result
 
 
+def _failed_certificate(exc: ConvergenceError, k: int) -> dict:
+    """:func:`certificate_summary`'s fields for a top-``k`` whose solver did not converge."""
+    return {
+        "certified": False,
+        "method": exc.solver,
+        "products": int(exc.products),
+        "k": k,
+        "max_residual": None,
+        "relative_residual": None,
+        "orthogonality": None,
+        "deflated_max": None,
+        "tol": 0.0,
+        "reason": f"did not converge after {exc.products} products",
+    }
+
+
 def _relative_residual(
     E: SymmetricMatrix,
     H: SymmetricMatrix,
@@ -385,6 +401,7 @@ def layer_record(
         fallback = ""
         dense_route = full or use_exact(p, keep, matrix_free=True)
         if not dense_route:
+            top = None
             try:
                 H = op
                 vals = None
@@ -417,16 +434,31 @@ def layer_record(
                     "E = H - G as an operator"
                 )
             except ConvergenceError as exc:
-                # Block Lanczos can stall on E's large near-null cluster; a layer this small is
-                # cheaper formed densely (p products) than certified iteratively anyway.
-                if p > MAX_DENSE:
-                    raise
-                dense_route = True
-                fallback = (
-                    f" (block Lanczos did not converge after {exc.products} products, so H "
-                    "was formed densely)"
-                )
-                certificates.clear()
+                # Block Lanczos can stall on E's top end when E's spectrum is dominated by large
+                # negative values; a layer this small is cheaper formed densely (p products)
+                # than certified iteratively anyway.
+                if p <= MAX_DENSE:
+                    dense_route = True
+                    fallback = (
+                        f" (block Lanczos did not converge after {exc.products} products, so H "
+                        "was formed densely)"
+                    )
+                    certificates.clear()
+                elif top is None or strict:
+                    raise  # H itself, or strict: no record without its certified top k
+                else:  # H is certified; E's extremes are flagged, never silently missing
+                    certificates["residual_top"] = _failed_certificate(exc, keep)
+                    residual.update(
+                        residual_relative_norm=None,
+                        residual_relative_norm_stderr=None,
+                        residual_relative_norm_method=f"not computed: {exc}",
+                    )
+                    how = (
+                        f"matrix-free: H from Hessian-vector products on (weight, bias) ({why}), "
+                        f"certified top {keep} by {top.certificate.method}; G structured, "
+                        f"{kind}; E = H - G as an operator, its extreme eigenvalues NOT found "
+                        f"(block Lanczos did not converge after {exc.products} products)"
+                    )
         if dense_route:
             # the engine's switch: p products and a dense eigh are cheaper than Lanczos here
             Hd = DenseSymmetric(op.dense())
