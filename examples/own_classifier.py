@@ -134,6 +134,7 @@ def main(argv: Sequence[str] | None = None) -> deepufm.Analysis:
     print(f"trained in {time.perf_counter() - start:.0f} s")
     if probe is not None:
         figures = probe.figures(formats=["png"])
+        probe.close()  # the probe's manifest.json: status "complete"
         print(f"over-training figures ({len(probe.read())} probes): {figures[0].parent}")
 
     # The analysis itself: five lines for any model.

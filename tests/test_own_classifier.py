@@ -4,6 +4,7 @@ per-sample Jacobian rows by `torch.func.jacrev`, NC1 and gradient coefficients i
 
 import copy
 import json
+import re
 
 import numpy as np
 import pytest
@@ -333,6 +334,32 @@ def test_refusals_name_what_and_why():
         deepufm.analyze(net, (X, y.double()), "mse")
     with pytest.raises(ConfigError, match="loss"):
         deepufm.analyze(net, (X, y), "hinge")
+    # numpy arrays are taken as tensors; a numpy float label is refused like a tensor one
+    a_np = deepufm.analyze(net, (X.numpy(), y.numpy()), "mse", layers=["head.2"])
+    a_t = deepufm.analyze(net, (X, y), "mse", layers=["head.2"])
+    assert a_np.to_dict() == a_t.to_dict()
+    with pytest.raises(ConfigError, match="integer"):
+        deepufm.analyze(net, (X.numpy(), y.numpy().astype(float)), "mse")
+    Xn = X.clone()
+    Xn[3, 1] = float("nan")
+    with pytest.raises(ConfigError, match=r"data X.*batch 0.*1 of its 115 entries are NaN"):
+        deepufm.analyze(net, (Xn, y), "mse")
+
+    class Overflow(nn.Module):
+        def forward(self, z):
+            return z * 1e308 * 1e308  # finite parameters, infinite logits
+
+    with pytest.raises(
+        ConfigError, match=r"non-finite logits for samples \[0, 1, 2, 3, 4\] \.\.\."
+    ):
+        deepufm.analyze(nn.Sequential(net, Overflow()), (X, y), "mse")
+    huge = make_net()
+    with torch.no_grad():
+        huge.head[0].weight.mul_(1e300)  # finite logits, but their curvature overflows
+    with pytest.raises(ConfigError, match=r"layers.*'body\.0'.*overflow or hold NaN in float64"):
+        deepufm.analyze(huge, (X, y), "mse")
+    with pytest.raises(ConfigError, match=r"X of shape \(23, 6\).*forward pass .* failed: mat1"):
+        deepufm.analyze(net, (torch.randn(23, 6), y), "mse")  # not the model's input width
     with pytest.raises(ConfigError, match="batch mean"):
         deepufm.analyze(net, (X, y), lambda z, t: F.cross_entropy(z, t, reduction="sum"))
 
@@ -478,3 +505,178 @@ def test_the_example_runs_tiny(tmp_path):
     assert {p.name for p in figures.glob("v2-fig*.png")} == {
         f"v2-fig{n}-head-2.png" for n in (6, 16, 17, 18)
     }
+
+
+def test_cli_model_form_refusals(tmp_path, monkeypatch, capsys):
+    """Each bad input of ``analyze --model``: exit 2, one paragraph naming the parameter and the
+    value, no traceback; a float32 model gets float64 .npz data cast (from the current directory,
+    no PYTHONPATH); an occupied --out is refused before the analysis and left as it was."""
+    from deepufm.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "qa_cli_models.py").write_text(
+        "import torch\nfrom torch import nn\n\n\ndef build():\n    torch.manual_seed(0)\n"
+        "    return nn.Sequential(nn.Linear(5, 6), nn.GELU(), nn.Linear(6, 4)).float()\n\n\n"
+        "def number():\n    return 3\n"
+    )
+    model = nn.Sequential(nn.Linear(5, 6), nn.GELU(), nn.Linear(6, 4)).float()
+    torch.save(model.state_dict(), "w.pt")
+    state = model.state_dict()
+    del state["0.bias"]
+    state["extra"] = torch.zeros(1)
+    torch.save(state, "keys.pt")
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    state["2.weight"][1, 2] = float("nan")
+    torch.save(state, "nan.pt")
+    torch.save(model, "whole.pt")  # a pickled module, not a state_dict
+    torch.save({"state_dict": model.state_dict(), "epoch": 3}, "ckpt.pt")
+    X, y = make_data()
+    X64, yn = (X.double() + 1e-9).numpy(), y.numpy()  # not representable in float32
+    np.savez("d.npz", X=X64, y=yn)
+    np.savez("noy.npz", X=X64)
+    np.savez("floaty.npz", X=X64, y=yn.astype(np.float64))
+    np.savez("one.npz", X=X64, y=np.zeros_like(yn))
+    occupied = tmp_path / "occupied"
+    occupied.mkdir()
+    (occupied / "notes.txt").write_text("keep me")
+    base = ["analyze", "--model", "qa_cli_models:build", "--weights", "w.pt", "--data"]
+    cases = [
+        (["analyze", "--model", "qa_cli_models:nothere", "--data", "d.npz"], r"--model.*nothere"),
+        (["analyze", "--model", "qa_cli_models:number", "--data", "d.npz"], r"--model.*int"),
+        (["analyze", "--model", "no_such_module:build", "--data", "d.npz"], "no_such_module"),
+        ([*base[:4], "keys.pt", "--data", "d.npz"], r"--weights.*0\.bias.*extra"),
+        ([*base[:4], "missing.pt", "--data", "d.npz"], r"--weights.*missing\.pt"),
+        ([*base[:4], "whole.pt", "--data", "d.npz"], r"--weights.*pickled model.*state_dict\(\)"),
+        ([*base[:4], "ckpt.pt", "--data", "d.npz"], r"key 'state_dict' holds a dict"),
+        ([*base, "noy.npz"], r"--data.*noy\.npz.*missing \['y'\]"),
+        ([*base, "floaty.npz"], r"--data.*floaty\.npz.*integer.*float64"),
+        ([*base, "one.npz"], r"no sample of class 1"),
+        ([*base[:4], "nan.pt", "--data", "d.npz"], r"2\.weight.*NaN"),
+        ([*base, "d.npz", "--out", "occupied"], r"--out.*occupied.*other files"),
+    ]
+    for argv, pattern in cases:
+        capsys.readouterr()
+        assert main(argv) == 2, argv
+        err = capsys.readouterr().err
+        assert err.startswith("deepufm analyze: error: invalid ") and "Traceback" not in err
+        assert re.search(pattern, " ".join(err.split())), (argv, err)
+    assert sorted(p.name for p in occupied.iterdir()) == ["notes.txt"]
+    # the float64 .npz is cast to the float32 model (the analysis itself in float64)
+    assert main([*base, "d.npz", "--linear", "2", "--json"]) == 0
+    got = json.loads(capsys.readouterr().out)
+    ref = deepufm.analyze(model, (torch.as_tensor(X64).float(), y), "mse", layers=["2"])
+    assert got == json.loads(ref.to_json())
+    uncast = deepufm.analyze(model, (torch.as_tensor(X64), y), "mse", layers=["2"])
+    assert got["config"]["data_loss"] != uncast.config["data_loss"]
+
+
+def test_write_never_deletes_a_file_it_did_not_write(tmp_path):
+    """A rewrite replaces the earlier analysis's figures, but a user's file put into figures/
+    makes it refuse, and that file (and everything else) stays."""
+    net = make_net()
+    X, y = make_data()
+    a = deepufm.analyze(net, (X, y), "mse", layers=["head.2"])
+    out = tmp_path / "out"
+    a.write(out)
+    a.write(out)
+    figs = sorted(p.name for p in (out / "figures").iterdir())
+    assert figs == ["effective-ranks.png", "layer-head.2.png"]
+    (out / "figures" / "mine.png").write_bytes(b"not ours")
+    with pytest.raises(ConfigError, match=r"figures/ also holds \['mine\.png'\]"):
+        a.write(out)
+    assert sorted(p.name for p in (out / "figures").iterdir()) == [*figs[:1], *figs[1:], "mine.png"]
+    assert (out / "figures" / "mine.png").read_bytes() == b"not ours"
+    assert (out / "results.json").exists()
+
+
+def test_analyze_leaves_a_float64_model_bitwise_unchanged():
+    """Analysed in its own dtype (no copy is made): parameters and buffers bitwise equal,
+    train/eval flags, requires_grad and .grad as they were."""
+    torch.manual_seed(2)
+    net = nn.Sequential(
+        nn.Linear(5, 6), nn.BatchNorm1d(6), nn.GELU(), nn.Dropout(0.2), nn.Linear(6, K)
+    ).double()
+    X, y = make_data()
+    net.train()
+    net(X.double()).sum().backward()  # running statistics moved, gradients present
+    net[0].weight.requires_grad_(False)
+    net[4].eval()
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    grads = {n: None if p.grad is None else p.grad.clone() for n, p in net.named_parameters()}
+    flags = [m.training for m in net.modules()]
+    deepufm.analyze(net, (X.double(), y), "ce", dtype=None)
+    assert [m.training for m in net.modules()] == flags
+    assert all(torch.equal(before[k], v) for k, v in net.state_dict().items())
+    for n, p in net.named_parameters():
+        assert p.requires_grad == (n != "0.weight")
+        g = grads[n]
+        assert (p.grad is None) == (g is None) and (g is None or torch.equal(p.grad, g)), n
+
+
+def test_a_stalled_lanczos_falls_back_to_the_dense_hessian(monkeypatch):
+    """Block Lanczos on a curved layer that cannot converge (as it can on E's near-null
+    cluster): a layer small enough is formed densely instead, every eigenvalue against dense
+    autograd, and the record says so. (The stall is simulated: use_exact forced off, the
+    iterative solver raising for the matrix-free operators.)"""
+    from deepufm.analysis import layer as layer_mod
+    from deepufm.errors import ConvergenceError
+    from deepufm.matrices import spectra
+
+    net = make_net()
+    X, y = make_data()
+    original = spectra.iterative_topk
+
+    def stalls(op, k, tol=0.0, **kw):
+        if op.matrix_free:
+            raise ConvergenceError("block Lanczos", k, 1234)
+        return original(op, k, tol, **kw)
+
+    monkeypatch.setattr(layer_mod, "use_exact", lambda *a, **kw: False)
+    monkeypatch.setattr(spectra, "use_exact", lambda *a, **kw: False)
+    monkeypatch.setattr(spectra, "iterative_topk", stalls)
+    a = deepufm.analyze(net, (X, y), "mse", layers=["head.0"])
+    r = a.layer("head.0")
+    assert "did not converge after 1234 products, so H was formed densely" in r["hessian_route"]
+    ref = torch.linalg.eigvalsh(dense_layer_hessian(net, X, y, "head.0", "mse")).flip(0)
+    got = torch.tensor(r["hessian_eigenvalues"])
+    assert float((got - ref[: K * K + K]).abs().max()) <= 1e-10 * float(ref.abs().max())
+    assert r["residual_relative_norm_method"] == "exact (dense H and G)"
+
+
+def test_a_large_layer_whose_residual_stalls_is_flagged_not_fatal(monkeypatch, tmp_path):
+    """Above the dense limit, a stalled Lanczos on E = H - G (H itself certified) leaves H's
+    numbers, against dense autograd, and flags E: ``uncertified``, no residual, the route says
+    why; with ``strict=True`` it raises. (The limit is lowered and the stall simulated.)"""
+    from deepufm.analysis import layer as layer_mod
+    from deepufm.errors import ConvergenceError
+    from deepufm.matrices import spectra
+    from deepufm.matrices.operator import LinearCombination
+
+    net = make_net()
+    X, y = make_data()
+    original = spectra.iterative_topk
+
+    def stalls_on_e(op, k, tol=0.0, **kw):
+        if isinstance(op, LinearCombination) and op.matrix_free:
+            raise ConvergenceError("block Lanczos", k, 999)
+        return original(op, k, tol, **kw)
+
+    monkeypatch.setattr(layer_mod, "MAX_DENSE", 10)
+    monkeypatch.setattr(layer_mod, "use_exact", lambda *a, **kw: False)
+    monkeypatch.setattr(spectra, "use_exact", lambda *a, **kw: False)
+    monkeypatch.setattr(spectra, "iterative_topk", stalls_on_e)
+    a = deepufm.analyze(net, (X, y), "mse", layers=["head.0"])
+    r = a.layer("head.0")
+    a.write(tmp_path / "out")  # the report states it
+    assert (
+        "head.0: the top 20 of residual_top by block Lanczos are NOT certified"
+        in (tmp_path / "out" / "report.md").read_text()
+    )
+    assert "its extreme eigenvalues NOT found" in r["hessian_route"]
+    assert r["uncertified"] == ["residual_top"] and r["certificates"]["hessian"]["certified"]
+    assert r["residual_eigenvalues"] is None and r["residual_relative_norm"] is None
+    ref = torch.linalg.eigvalsh(dense_layer_hessian(net, X, y, "head.0", "mse")).flip(0)
+    got = torch.tensor(r["hessian_eigenvalues"])
+    assert float((got - ref[: K * K + K]).abs().max()) <= 1e-8 * float(ref.abs().max())
+    with pytest.raises(ConvergenceError):
+        deepufm.analyze(net, (X, y), "mse", layers=["head.0"], strict=True)

@@ -336,3 +336,48 @@ def test_no_nan_in_the_log_and_epoch_zero_probe(tmp_path):
     line = (tmp_path / "r" / rd.METRICS).read_text().strip()
     assert "NaN" not in line and json.loads(line)["epoch"] == 0
     assert rec["layers"][0]["nc1"] is None or not math.isnan(rec["layers"][0]["nc1"])
+
+
+def test_close_context_manager_and_one_trajectory(tmp_path):
+    """``close()`` / ``with`` mark the run complete; a later call continues it (running again);
+    other data or another model on resume are refused before anything is written."""
+    X, y = clusters(n=4)
+    model = make()
+    out = tmp_path / "run"
+    with deepufm.TrainingProbe((X, y), "mse", out_dir=out) as probe:
+        probe(model, 0)
+        assert mf.read_manifest(out).status == "running"
+    assert mf.read_manifest(out).status == "complete"
+    assert probe.figures(formats=["png"])  # drawing after close still works
+    assert mf.read_manifest(out).status == "complete"
+    probe(model, 1)  # continued: running again until closed
+    assert mf.read_manifest(out).status == "running"
+    probe.close()
+    probe.close()  # idempotent
+    assert mf.read_manifest(out).status == "complete"
+    # an exception inside the block leaves the run resumable ("running")
+    with pytest.raises(RuntimeError), deepufm.TrainingProbe((X, y), "mse", out_dir=out) as p:
+        p(model, 2)
+        raise RuntimeError("the user's loop failed")
+    assert mf.read_manifest(out).status == "running"
+    rows = rd.read_metrics(out)
+    assert [r["epoch"] for r in rows] == [0, 1, 2]
+    # resumed with another data set: refused, naming the data, nothing logged
+    other = deepufm.TrainingProbe((X + 1.0, y), "mse", out_dir=out)
+    with pytest.raises(ConfigError, match=r"data.*fingerprint"):
+        other(model, 3)
+    # resumed with a model whose analysed layers changed
+    other = deepufm.TrainingProbe((X, y), "mse", layers=["head.2"], out_dir=out)
+    with pytest.raises(ConfigError, match=r"model.*'head.2'.*one log holds one"):
+        other(model, 3)
+    # a model with another number of classes
+    wider = nn.Sequential(nn.Linear(D, 6), nn.ReLU(), nn.Linear(6, K + 1)).double()
+    with pytest.raises(ConfigError, match="class"):
+        deepufm.TrainingProbe((X, y), "mse", out_dir=out)(wider, 3)
+    assert rd.read_metrics(out) == rows
+    # overwrite=True starts a new trajectory on the other data
+    fresh = deepufm.TrainingProbe((X + 1.0, y), "mse", out_dir=out, overwrite=True)
+    fresh(model, 0)
+    fresh.close()
+    assert [r["epoch"] for r in rd.read_metrics(out)] == [0]
+    assert mf.read_manifest(out).status == "complete"

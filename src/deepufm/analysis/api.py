@@ -205,9 +205,10 @@ def analyze(
         model: any ``nn.Module`` mapping a batch ``X`` to logits ``(B, K)``. Measured in eval mode
             (BatchNorm running statistics, no dropout) on its own device; its parameters, buffers
             and train/eval flags are left as they were.
-        data (tuple | Iterable): ``(X, y)`` tensors or a re-iterable of ``(X, y)`` batches (a ``DataLoader`` without
-            shuffling or augmentation: the data are read twice and must agree); ``y`` integer
-            labels in ``[0, K)``, any order, classes of any size (none empty).
+        data (tuple | Iterable): ``(X, y)`` tensors (or numpy arrays) or a re-iterable of
+            ``(X, y)`` batches (a ``DataLoader`` without shuffling or augmentation: the data are
+            read twice and must agree); ``y`` integer labels in ``[0, K)``, any order, classes
+            of any size (none empty); ``X`` finite (NaN or infinite inputs are refused).
         loss: ``"mse"`` — the paper's ``1/(2N) sum ||z - e_y||^2``, i.e. ``K/2`` times
             ``nn.MSELoss()`` — ``"ce"`` (mean cross-entropy) or a callable
             ``(output, y) -> batch mean of a per-sample loss``.
@@ -268,6 +269,15 @@ def analyze(
         (X.to(device=device, dtype=dtype) if X.is_floating_point() else X.to(device), y.to(device))
         for X, y in as_batches(data, batch_size)
     ]
+    for i, (X, _) in enumerate(batches):
+        if X.is_floating_point() and not bool(torch.isfinite(X).all()):
+            bad = int((~torch.isfinite(X)).sum())
+            raise ConfigError(
+                "data X",
+                f"batch {i}",
+                "finite inputs",
+                f"{bad} of its {X.numel()} entries are NaN or infinite.",
+            )
     with curvature_mode(work, "eval") as m:
         X0 = batches[0][0]
         calls = linear_calls(m, X0)
@@ -276,6 +286,15 @@ def analyze(
         modules = {k: m.get_submodule(k) for k in names}
         cap = capture(m, batches, modules)
         K = cap.z.shape[1]
+        if not bool(torch.isfinite(cap.z).all()):
+            rows = torch.nonzero(~torch.isfinite(cap.z).all(dim=1)).flatten().tolist()
+            raise ConfigError(
+                "model output",
+                f"non-finite logits for samples {rows[:5]}{' ...' if len(rows) > 5 else ''}",
+                "finite logits on every sample",
+                f"{len(rows)} of {cap.z.shape[0]} samples overflow; the curvature "
+                "of a non-finite loss is not defined.",
+            )
         counts = check_labels(cap.y, K)
         check_mean_loss(lossd, cap.z[: X0.shape[0]], cap.y[: X0.shape[0]])
         records = []
@@ -286,9 +305,20 @@ def analyze(
                 counts, down,
             )  # fmt: skip
             options = dict(strict=strict, residual_probes=residual_probes, seed=seed)
-            record = layer_record(
-                m, layer, lossd, batches, route, full, rank_rtol, chunk_size, **options
-            )
+            try:
+                record = layer_record(
+                    m, layer, lossd, batches, route, full, rank_rtol, chunk_size, **options
+                )
+            except torch.linalg.LinAlgError as exc:
+                # finite logits whose curvature overflows (or is NaN): no spectrum to certify
+                raise ConfigError(
+                    "layers",
+                    name,
+                    "a layer whose Hessian and Gram matrices are finite",
+                    f"An eigensolver failed on '{name}' ({' '.join(str(exc).split())[:160]}): "
+                    f"its matrices overflow or hold NaN in {str(dtype).removeprefix('torch.')} "
+                    f"(logits up to {float(cap.z.abs().max()):.3g}).",
+                ) from exc
             records.append(record)
         per_sample = lossd.value(cap.z, cap.y)
         network = None

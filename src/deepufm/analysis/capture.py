@@ -25,7 +25,7 @@ import torch
 from torch import Tensor, nn
 
 from deepufm.analysis.inputs import Batches
-from deepufm.errors import ConfigError
+from deepufm.errors import ConfigError, DeepUFMError
 
 
 @contextmanager
@@ -62,6 +62,18 @@ def linear_calls(model: nn.Module, X: Tensor) -> dict[str, int]:
     try:
         with torch.no_grad():
             logits(model, X)
+    except DeepUFMError:
+        raise
+    except (RuntimeError, TypeError, ValueError, IndexError) as exc:
+        if "out of memory" in str(exc) or isinstance(exc, torch.OutOfMemoryError):
+            raise
+        # the first forward pass: a failure here is data the model does not take
+        raise ConfigError(
+            "data",
+            f"X of shape {tuple(X.shape)} ({str(X.dtype).removeprefix('torch.')})",
+            f"inputs that {type(model).__name__} accepts",
+            f"Its forward pass on the first batch failed: {' '.join(str(exc).split())[:300]}",
+        ) from exc
     finally:
         for h in handles:
             h.remove()

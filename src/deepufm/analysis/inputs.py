@@ -15,6 +15,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -28,13 +29,15 @@ LOSSES = ("mse", "ce")
 
 # -- data ------------------------------------------------------------------------------------------
 def as_batches(data: object, batch_size: int | None = None) -> Batches:
-    """``(X, y)`` tensors (split into ``batch_size`` chunks; one batch by default) or a re-iterable
-    of ``(X, y)`` batches, read twice: the two passes must agree exactly (no shuffling, no
-    augmentation), else the Hessian of "the" data set would not be defined."""
+    """``(X, y)`` tensors or numpy arrays (split into ``batch_size`` chunks; one batch by
+    default) or a re-iterable of ``(X, y)`` batches, read twice: the two passes must agree exactly
+    (no shuffling, no augmentation), else the Hessian of "the" data set would not be defined."""
     if batch_size is not None and (
         isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1
     ):
         raise ConfigError("batch_size", batch_size, "a positive integer or None (one batch)")
+    if isinstance(data, tuple) and len(data) == 2 and all(isinstance(t, np.ndarray) for t in data):
+        data = (torch.as_tensor(data[0]), torch.as_tensor(data[1]))  # numpy arrays: as tensors
     if isinstance(data, tuple) and len(data) == 2 and all(isinstance(t, Tensor) for t in data):
         X, y = data
         _check_pair(X, y, "data")

@@ -55,7 +55,7 @@ from torch import Tensor, nn
 
 from deepufm.analysis.capture import Downstream
 from deepufm.analysis.inputs import Batches, DataLoss
-from deepufm.errors import ConfigError
+from deepufm.errors import ConfigError, ConvergenceError
 from deepufm.matrices import (
     DenseSymmetric,
     JacobianGram,
@@ -272,6 +272,22 @@ def _dense_topk(M: DenseSymmetric, k: int, method: str, products: int, strict: b
     return vals, result
 
 
+def _failed_certificate(exc: ConvergenceError, k: int) -> dict:
+    """:func:`certificate_summary`'s fields for a top-``k`` whose solver did not converge."""
+    return {
+        "certified": False,
+        "method": exc.solver,
+        "products": int(exc.products),
+        "k": k,
+        "max_residual": None,
+        "relative_residual": None,
+        "orthogonality": None,
+        "deflated_max": None,
+        "tol": 0.0,
+        "reason": f"did not converge after {exc.products} products",
+    }
+
+
 def _relative_residual(
     E: SymmetricMatrix,
     H: SymmetricMatrix,
@@ -382,7 +398,68 @@ def layer_record(
                 "Hessian-vector products). Without full, the top K^2 + K are certified "
                 "matrix-free.",
             )
-        if full or use_exact(p, keep, matrix_free=True):
+        fallback = ""
+        dense_route = full or use_exact(p, keep, matrix_free=True)
+        if not dense_route:
+            top = None
+            try:
+                H = op
+                vals = None
+                top = op.topk(keep, strict=strict)
+                E = op - G  # a sum of operators: products of H and of the structured G
+                e_top = E.topk(keep, strict=strict)
+                e_low = (-1.0 * E).topk(keep, strict=strict)
+                certificates["residual_top"] = certificate_summary(e_top)
+                certificates["residual_bottom"] = certificate_summary(e_low)
+                # the extreme pairs of E together: orthonormal (distinct eigenvalues, 2k < p)
+                ext_vals = torch.cat([e_top.values, -e_low.values])
+                ext_vecs = torch.linalg.qr(torch.cat([e_top.vectors, e_low.vectors], dim=1))[0]
+                ratio, stderr = _relative_residual(
+                    E, op, (ext_vals, ext_vecs), (top.values, top.vectors), residual_probes, seed
+                )
+                residual.update(
+                    residual_eigenvalues=e_top.values.tolist(),
+                    residual_eigenvalues_bottom=(-e_low.values).tolist(),
+                    residual_relative_norm=ratio,
+                    residual_relative_norm_stderr=stderr,
+                    residual_relative_norm_method=(
+                        f"Hutchinson, {residual_probes} Rademacher probes on the complement of "
+                        "the certified extreme eigenvectors (counted exactly), for ||E||_F and "
+                        "||H||_F; standard error by the delta method"
+                    ),
+                )
+                how = (
+                    f"matrix-free: H from Hessian-vector products on (weight, bias) ({why}), "
+                    f"certified top {keep} by {top.certificate.method}; G structured, {kind}; "
+                    "E = H - G as an operator"
+                )
+            except ConvergenceError as exc:
+                # Block Lanczos can stall on E's top end when E's spectrum is dominated by large
+                # negative values; a layer this small is cheaper formed densely (p products)
+                # than certified iteratively anyway.
+                if p <= MAX_DENSE:
+                    dense_route = True
+                    fallback = (
+                        f" (block Lanczos did not converge after {exc.products} products, so H "
+                        "was formed densely)"
+                    )
+                    certificates.clear()
+                elif top is None or strict:
+                    raise  # H itself, or strict: no record without its certified top k
+                else:  # H is certified; E's extremes are flagged, never silently missing
+                    certificates["residual_top"] = _failed_certificate(exc, keep)
+                    residual.update(
+                        residual_relative_norm=None,
+                        residual_relative_norm_stderr=None,
+                        residual_relative_norm_method=f"not computed: {exc}",
+                    )
+                    how = (
+                        f"matrix-free: H from Hessian-vector products on (weight, bias) ({why}), "
+                        f"certified top {keep} by {top.certificate.method}; G structured, "
+                        f"{kind}; E = H - G as an operator, its extreme eigenvalues NOT found "
+                        f"(block Lanczos did not converge after {exc.products} products)"
+                    )
+        if dense_route:
             # the engine's switch: p products and a dense eigh are cheaper than Lanczos here
             Hd = DenseSymmetric(op.dense())
             H = Hd
@@ -401,38 +478,8 @@ def layer_record(
             )
             how = (
                 f"matrix-free: H from Hessian-vector products on (weight, bias) ({why}), formed "
-                f"densely ({p} products, every eigenvalue); G structured, {kind}; E = H - G"
-            )
-        else:
-            H = op
-            vals = None
-            top = op.topk(keep, strict=strict)
-            E = op - G  # a sum of operators: products of H and of the structured G
-            e_top = E.topk(keep, strict=strict)
-            e_low = (-1.0 * E).topk(keep, strict=strict)
-            certificates["residual_top"] = certificate_summary(e_top)
-            certificates["residual_bottom"] = certificate_summary(e_low)
-            # the extreme pairs of E together: orthonormal (distinct eigenvalues, 2k < p)
-            ext_vals = torch.cat([e_top.values, -e_low.values])
-            ext_vecs = torch.linalg.qr(torch.cat([e_top.vectors, e_low.vectors], dim=1))[0]
-            ratio, stderr = _relative_residual(
-                E, op, (ext_vals, ext_vecs), (top.values, top.vectors), residual_probes, seed
-            )
-            residual.update(
-                residual_eigenvalues=e_top.values.tolist(),
-                residual_eigenvalues_bottom=(-e_low.values).tolist(),
-                residual_relative_norm=ratio,
-                residual_relative_norm_stderr=stderr,
-                residual_relative_norm_method=(
-                    f"Hutchinson, {residual_probes} Rademacher probes on the complement of the "
-                    "certified extreme eigenvectors (counted exactly), for ||E||_F and ||H||_F; "
-                    "standard error by the delta method"
-                ),
-            )
-            how = (
-                f"matrix-free: H from Hessian-vector products on (weight, bias) ({why}), "
-                f"certified top {keep} by {top.certificate.method}; G structured, {kind}; "
-                "E = H - G as an operator"
+                f"densely ({p} products, every eigenvalue){fallback}; G structured, {kind}; "
+                "E = H - G"
             )
     certificates = {"hessian": certificate_summary(top), **certificates}
     spectrum = vals if vals is not None else top.values

@@ -55,16 +55,32 @@ def load_weights(model: nn.Module, path: str | Path) -> None:
     try:
         state = torch.load(path, map_location=device, weights_only=True)
     except Exception as exc:  # unpickling errors come in many types
+        text = " ".join(str(exc).split())
+        if "Weights only load failed" in text or "Unsupported global" in text:
+            # torch's message is a page long; what the user needs is what to save instead
+            detail = (
+                "It holds more than tensors (a whole pickled model?); deepufm loads state_dicts "
+                "only, with weights_only=True: save one with torch.save(model.state_dict(), path)."
+            )
+        else:
+            detail = text[:300]
         raise ConfigError(
-            "--weights", str(path), "a state_dict saved with torch.save", str(exc)
+            "--weights", str(path), "a state_dict saved with torch.save", detail
         ) from exc
     if not isinstance(state, dict):
         raise ConfigError("--weights", str(path), "a state_dict (a dict of tensors)")
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as exc:
+        detail = " ".join(str(exc).split())  # torch's message spans indented lines
+        nested = [k for k, v in state.items() if isinstance(v, dict)]
+        if nested:
+            detail += (
+                f" Its key {nested[0]!r} holds a dict (a training checkpoint?): save that "
+                f"state_dict on its own, torch.save(checkpoint[{nested[0]!r}], path)."
+            )
         raise ConfigError(
-            "--weights", str(path), "a state_dict with exactly the model's keys", str(exc)
+            "--weights", str(path), "a state_dict with exactly the model's keys and shapes", detail
         ) from exc
 
 
@@ -88,7 +104,20 @@ def load_data(
                 )
             X, y = f["X"], f["y"]
         if not np.issubdtype(y.dtype, np.integer):
-            raise ConfigError("--data y", str(y.dtype), "integer class labels")
+            raise ConfigError(
+                "--data",
+                spec,
+                "an .npz whose y holds integer class labels 0..K-1",
+                f"Its y has dtype {y.dtype}; save y.astype(np.int64) if the labels are whole "
+                "numbers.",
+            )
+        if y.ndim != 1 or X.shape[:1] != y.shape:
+            raise ConfigError(
+                "--data",
+                spec,
+                "an .npz with X of shape (N, ...) and y of shape (N,)",
+                f"X has shape {X.shape}, y {y.shape}.",
+            )
         return (
             torch.as_tensor(X).to(device=device, dtype=dtype),
             torch.as_tensor(y, dtype=torch.long).to(device),

@@ -25,36 +25,59 @@ MARKER = ".deepufm-analysis"
 OUTPUTS = ("figures", "results.json", "report.md", "report.html", MARKER)
 
 
+def check_out_dir(out: Path, param: str = "out_dir") -> None:
+    """Refuse, before anything is computed or written, an ``out`` that :func:`prepare_out_dir`
+    would refuse (``param`` names it in the message: ``--out`` on the command line)."""
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise ConfigError(param, str(out), "a folder (this is a file)")
+    if not (out.is_dir() and any(out.iterdir())):
+        return
+    if not (out / MARKER).exists():
+        raise ConfigError(
+            param,
+            str(out),
+            "a new or empty folder, or one written by an earlier deepufm analysis",
+            "It holds other files; nothing was written.",
+        )
+    extra = sorted(p.name for p in out.iterdir() if p.name not in OUTPUTS)
+    if extra:
+        raise ConfigError(
+            param,
+            str(out),
+            "a folder holding only deepufm analysis outputs",
+            f"It also holds {extra[:5]}; nothing was written.",
+        )
+    figures = out / "figures"
+    if figures.exists():
+        # only the figures the marker lists are ours: a user's file there is never deleted
+        ours = set((out / MARKER).read_text().splitlines()[1:])
+        entries = list(figures.iterdir()) if figures.is_dir() else [figures]
+        foreign = sorted(f.name for f in entries if f.is_dir() or f"figures/{f.name}" not in ours)
+        if foreign or not figures.is_dir():
+            raise ConfigError(
+                param,
+                str(out),
+                "a folder holding only deepufm analysis outputs",
+                f"Its figures/ also holds {foreign[:5]}, which this analysis did not write; "
+                "nothing was written.",
+            )
+
+
 def prepare_out_dir(out: Path) -> None:
     """Create ``out``, accept an existing empty folder or one an earlier analysis wrote (its
     outputs are replaced); refuse anything else rather than mix files or delete a user's."""
-    if out.exists() and not out.is_dir():
-        raise ConfigError("out_dir", str(out), "a folder (this is a file)")
-    if out.is_dir() and any(out.iterdir()):
-        if not (out / MARKER).exists():
-            raise ConfigError(
-                "out_dir",
-                str(out),
-                "a new or empty folder, or one written by an earlier deepufm analysis",
-                "It holds other files; nothing was written.",
-            )
-        extra = sorted(p.name for p in out.iterdir() if p.name not in OUTPUTS)
-        if extra:
-            raise ConfigError(
-                "out_dir",
-                str(out),
-                "a folder holding only deepufm analysis outputs",
-                f"It also holds {extra[:5]}; nothing was written.",
-            )
-        for name in OUTPUTS:
-            path = out / name
-            if path.is_dir():
-                for f in path.iterdir():
-                    f.unlink()
-                path.rmdir()
-            else:
-                path.unlink(missing_ok=True)
+    check_out_dir(out)
+    figures = out / "figures"
+    if figures.is_dir():
+        for f in figures.iterdir():
+            f.unlink()
+        figures.rmdir()
+    if out.is_dir():
+        for name in OUTPUTS[1:]:
+            (out / name).unlink(missing_ok=True)
     out.mkdir(parents=True, exist_ok=True)
+    # a header line, then (save_png) every figure written, the files a later write may replace
     (out / MARKER).write_text("written by deepufm.analyze (Analysis.write)\n")
 
 
@@ -181,6 +204,10 @@ def _network_figure(fig_dir: Path, network: dict) -> tuple[str, str, Path]:
 def save_png(fig, fig_dir: Path, name: str) -> Path:
     """``name.png`` only (PDFs double the time, and a user's analysis may have many layers)."""
     fig_dir.mkdir(parents=True, exist_ok=True)
+    marker = fig_dir.parent / MARKER
+    if marker.exists():  # listed before it exists: a later write may replace it, even after a crash
+        with marker.open("a") as f:
+            f.write(f"{fig_dir.name}/{name}.png\n")
     with plt.rc_context(P.STYLE):
         fig.tight_layout()
         fig.savefig(fig_dir / f"{name}.png")
@@ -209,12 +236,17 @@ def _figures(fig_dir: Path, K: int, layers) -> list[tuple[str, str, Path]]:
             # a log axis down to round-off only: exact zeros would stretch it over 300 decades
             v = np.clip(np.asarray(vals, dtype=np.float64), 1e-16 * top, None)
             ax.semilogy(np.arange(1, len(v) + 1), v, marker, ms=3.5, mfc="none", label=label)
-        ax.axvline(r["outlier_count"] + 0.5, color="C3", ls=":", lw=0.9, label="outliers")
+        shown = max(len(v) for _, v, _ in series)
+        if r["outlier_count"] < shown:
+            ax.axvline(r["outlier_count"] + 0.5, color="C3", ls=":", lw=0.9, label="outliers")
+        else:  # a line far right of the plotted top k would squeeze them against the axis
+            ax.plot([], [], " ", label=f"outliers: {r['outlier_count']} (> {shown} shown)")
         ax.axvline(K * K + 0.5, color="k", ls="--", lw=0.8, label=f"K^2 = {K * K}")
         ax.set_xlabel("index")
         ax.set_ylabel("eigenvalue")
         ax.set_title(f"{name}: layer Hessian and knockouts")
-        ax.legend(ncol=2)
+        # below the axes: wherever it sits inside, some spectrum runs under it
+        ax.legend(ncol=3, loc="upper center", bbox_to_anchor=(0.5, -0.2), fontsize="small")
         sv2 = np.asarray(r["weight_singular_values"]) ** 2
         P.spectrum_panel(axes[0, 1], sv2, K, f"{name}: eigenvalues of W^T W")
         for ax, key, title in (

@@ -13,7 +13,11 @@ with per layer the keys of :data:`RECORD_KEYS` (all of the analysis record with 
 **The probe convention** is that of the trainers (:mod:`deepufm.training.probes`): a call
 ``probe(model, epoch)`` at the epochs the probe is scheduled for (``every``, ``at``), a record per
 call with an integer ``"epoch"`` in ``metrics.jsonl``, and a run directory with a
-``manifest.json`` (kind ``"probe"``: only files the probe wrote are ever replaced).
+``manifest.json`` (kind ``"probe"``: only files the probe wrote are ever replaced), whose status
+is ``"running"`` until :meth:`TrainingProbe.close` (or the end of a ``with TrainingProbe(...) as
+probe:`` block) marks it ``"complete"``. One log is one trajectory: a probe resumed on other data
+(a hash of ``X`` and ``y``, ``data_fingerprint`` in every row) or with a model whose classes or
+analysed layers changed is refused.
 
 **Restart-safe.** The log always describes one trajectory, in increasing epochs: a call at an
 epoch at or before the last logged one (a user loop resumed from an earlier checkpoint) first
@@ -29,8 +33,10 @@ without it.
 
 from __future__ import annotations
 
+import hashlib
 import math
 from collections.abc import Iterable, Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -41,6 +47,7 @@ from torch import nn
 from deepufm.analysis.api import analyze
 from deepufm.analysis.inputs import LossFn, as_batches
 from deepufm.errors import ConfigError
+from deepufm.training import lock
 from deepufm.training import manifest as mf
 from deepufm.training import rundir as rd
 
@@ -72,7 +79,7 @@ RECORD_KEYS = (
     "effective_rank_weight",
 )
 FORMATS = ("png", "pdf")
-RESERVED = ("epoch", "data_loss", "accuracy", "K", "N", "layers")
+RESERVED = ("epoch", "data_loss", "accuracy", "K", "N", "data_fingerprint", "layers")
 
 
 class TrainingProbe:
@@ -130,6 +137,7 @@ class TrainingProbe:
         self.options = analyze_options
         # The data are read once: a DataLoader is then not re-iterated at every probe.
         self.data = list(as_batches(data, analyze_options.pop("batch_size", None)))
+        self.fingerprint = _fingerprint(self.data)
         self.out_dir = None if out_dir is None else Path(out_dir)
         self.overwrite = overwrite
         self.records: list[dict[str, Any]] = []
@@ -158,6 +166,8 @@ class TrainingProbe:
                 raise ConfigError(key, extra[key], f"a key other than {', '.join(RESERVED)}")
         if not self.due(epoch):
             return None
+        if self.out_dir is not None and not self._opened:
+            self._check_same_run(rd.scan_metrics(self.out_dir)[0] if self._resumable() else [])
         analysis = _measure(model, self.data, self.loss, self.layers, self.options)
         layers = [
             dict(r) if self.keys == "all" else {k: r[k] for k in self.keys if k in r}
@@ -169,14 +179,74 @@ class TrainingProbe:
             "accuracy": analysis.config["accuracy"],
             "K": analysis.config["K"],
             "N": analysis.config["N"],
+            "data_fingerprint": self.fingerprint,
             **extra,
             "layers": layers,
         }
+        kept = [r for r in self.records if r["epoch"] < epoch]
+        if self.out_dir is not None and self._resumable():
+            kept = [r for r in rd.scan_metrics(self.out_dir)[0] if r["epoch"] < epoch]
+        self._check_same_run(kept, record)
         self.records = [r for r in self.records if r["epoch"] < epoch]
         self.records.append(record)
         if self.out_dir is not None:
             self._write(record)
         return record
+
+    def _resumable(self) -> bool:
+        """Whether the next write continues the log in ``out_dir`` (this probe's own run)."""
+        if self._opened:
+            return True
+        manifest = mf.read_manifest(self.out_dir) if self.out_dir.is_dir() else None
+        return not self.overwrite and manifest is not None and manifest.kind == KIND
+
+    def _check_same_run(self, rows: list[dict[str, Any]], record: dict | None = None) -> None:
+        """Refuse a record that cannot continue ``rows`` (one trajectory): other data (a
+        resumed loop given another data set), another number of classes or other layers."""
+        if not rows:
+            return
+        first = rows[0]
+        where = f"the log in {self.out_dir}" if self.out_dir is not None else "the logged records"
+        old = first.get("data_fingerprint")
+        if old is not None and old != self.fingerprint:
+            raise ConfigError(
+                "data",
+                f"{self.fingerprint[:12]}... (N={sum(len(b[1]) for b in self.data)})",
+                f"the data of {where} (fingerprint {old[:12]}..., N={first['N']})",
+                "A probe continues one trajectory measured on one data set; give the same "
+                "(X, y) as before, or start a new out_dir (or overwrite=True).",
+            )
+        if record is None:
+            return
+        names = [r["name"] for r in record["layers"]]
+        old_names = [r["name"] for r in first["layers"]]
+        if record["K"] != first["K"] or names != old_names:
+            raise ConfigError(
+                "model",
+                f"K={record['K']} classes, layers {names}",
+                f"K={first['K']} and layers {old_names}, as in {where}",
+                "The model's output or its analysed layers changed; one log holds one "
+                "model's trajectory: start a new out_dir (or overwrite=True).",
+            )
+
+    def close(self) -> None:
+        """Mark the run finished: ``manifest.json`` gets status ``"complete"`` (and what an
+        overwritten earlier run wrote and this one did not is deleted). :meth:`figures` still
+        works afterwards; a later call of the probe continues the log (status ``"running"``
+        again). Without ``out_dir`` nothing to do."""
+        if self.out_dir is None or not self._resumable():
+            return
+        with lock.locked(self.out_dir):
+            mf.finish(self.out_dir)
+
+    def __enter__(self) -> TrainingProbe:
+        """``with TrainingProbe(...) as probe:`` closes the run when the block ends normally."""
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        """Close on a normal exit; after an exception the run stays ``"running"`` (resumable)."""
+        if exc_type is None:
+            self.close()
 
     def _write(self, record: dict[str, Any]) -> None:
         resume = self._opened or not self.overwrite
@@ -186,6 +256,9 @@ class TrainingProbe:
             if not resuming:  # a new run (or one replacing another): an empty log first
                 rd.rewrite_metrics(self.out_dir, [])
             self._opened = True
+            manifest = mf.read_manifest(self.out_dir)
+            if manifest is not None and manifest.complete:  # a closed run continued
+                mf.write_manifest(self.out_dir, replace(manifest, status="running"))
             rows, dropped = rd.scan_metrics(self.out_dir)
             if dropped or any(r["epoch"] >= record["epoch"] for r in rows):
                 # A resumed loop re-runs these epochs: the log keeps one trajectory.
@@ -209,6 +282,17 @@ class TrainingProbe:
                 raise ConfigError("out_dir", None, "a folder for the figures (the probe has none)")
             return save_figures(draw_overtraining(self.records, layers), Path(out_dir), formats)
         return overtraining_figures(self.out_dir, out_dir, layers, formats)
+
+
+def _fingerprint(batches: list) -> str:
+    """A hash of the data's values, dtypes and shapes (one trajectory is one data set)."""
+    h = hashlib.blake2b(digest_size=16)
+    for X, y in batches:
+        for t in (X, y):
+            t = t.detach().cpu().contiguous()
+            h.update(f"{t.dtype}{tuple(t.shape)}".encode())
+            h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
 
 
 def _epoch(name: str, value: Any) -> int:
@@ -352,7 +436,7 @@ def draw_overtraining(
                                label=f"DNC: off-diagonal {ref_off:.3g}")  # fmt: skip
                 _epoch_axis(ax)
                 ax.set_ylabel(sym)
-                ax.set_title(f"{sym} over training ({where})")
+                ax.set_title(f"{sym} over training\n({where})")
                 _legend(ax)
             figs.append(
                 (
@@ -378,7 +462,7 @@ def draw_overtraining(
                 _epoch_axis(ax)
                 ax.set_ylabel("f")
                 what = "mu'_c; W W^T" if side == "left" else "mu_c; W^T W"
-                ax.set_title(f"{side} singular vectors, f({what}) ({where})")
+                ax.set_title(f"{side} singular vectors, f({what})\n({where})")
                 _legend(ax)
             figs.append(
                 (
@@ -402,7 +486,7 @@ def draw_overtraining(
                     ax.axhline(ref, color="k", ls=":", lw=0.9, gid="reference", label=f"DNC: {ref}")
                 _epoch_axis(ax)
                 ax.set_ylabel("effective rank")
-                ax.set_title(f"effective rank of {sym} ({where})")
+                ax.set_title(f"effective rank of {sym}\n({where})")
                 _legend(ax)
             figs.append(
                 (
@@ -432,7 +516,7 @@ def draw_overtraining(
                 ax.set_yscale("log")
                 _epoch_axis(ax)
                 ax.set_ylabel("eigenvalue")
-                ax.set_title(f"outliers: {label} ({where})")
+                ax.set_title(f"outliers: {label}\n({where})")
                 _legend(ax)
                 with np.errstate(invalid="ignore", divide="ignore"):
                     rel = std / np.abs(mean)
@@ -440,7 +524,7 @@ def draw_overtraining(
             ratio_ax.set_yscale("log")
             _epoch_axis(ratio_ax)
             ratio_ax.set_ylabel("std / mean")
-            ratio_ax.set_title(f"relative spread of the outliers (-> 0) ({where})")
+            ratio_ax.set_title(f"relative spread of the outliers (-> 0)\n({where})")
             _legend(ratio_ax)
             figs.append(
                 (
@@ -462,7 +546,7 @@ def draw_overtraining(
                 ax.set_yscale("log")
                 _epoch_axis(ax)
                 ax.set_ylabel("eigenvalue")
-                ax.set_title(f"top Hessian eigenvalues over training ({where})")
+                ax.set_title(f"top Hessian eigenvalues over training\n({where})")
                 _legend(ax)
                 figs.append(
                     (

@@ -205,9 +205,12 @@ def run_model(args: argparse.Namespace) -> int:
     """The ``--model`` form."""
     from deepufm.analysis import analyze as analyze_model
     from deepufm.analysis.loading import load_data, load_factory, load_weights
+    from deepufm.analysis.report import check_out_dir
 
     if args.data is None:
         raise ConfigError("--data", None, "a built-in data set name or an .npz with X and y")
+    if args.out:
+        check_out_dir(Path(args.out), "--out")  # before the analysis, which may take long
     model = load_factory(args.model)
     if args.weights:
         load_weights(model, args.weights)

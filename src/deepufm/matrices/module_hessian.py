@@ -56,7 +56,11 @@ class ModuleHessian(SymmetricMatrix):
 
     Args:
         model: any ``nn.Module``; its mode (train/eval) is respected, its state never changed.
-        loss_fn: ``(output, y) -> scalar``, e.g. ``nn.MSELoss()`` or ``nn.CrossEntropyLoss()``.
+        loss_fn: ``(output, y) -> scalar``, e.g. ``nn.CrossEntropyLoss()``. The paper's data
+            loss ``1/(2N) sum_i ||z_i - e_{y_i}||^2`` is **K/2 times** ``nn.MSELoss()`` (which
+            averages over all ``N K`` entries): pass
+            ``lambda z, y: 0.5 * (z - F.one_hot(y, K).to(z.dtype)).pow(2).sum(1).mean()``, or
+            scale the operator by ``K / 2``, to compare with deepufm's MSE spectra.
         batches: a re-iterable of ``(X, y)`` (a list, a ``DataLoader`` without shuffling or
             augmentation); traversed once per product.
         params: names of the parameters (``named_parameters()`` keys) to differentiate, in any
@@ -218,5 +222,8 @@ def module_hessian(
     params: Sequence[str] | None = None,
     **options,
 ) -> ModuleHessian:
-    """The matrix-free Hessian of the empirical risk of ``model`` (see :class:`ModuleHessian`)."""
+    """The matrix-free Hessian of the empirical risk of ``model`` (see :class:`ModuleHessian`).
+
+    ``nn.MSELoss()`` averages over ``N K`` entries: the paper's MSE data loss (and
+    ``deepufm.analyze(..., loss="mse")``) is ``K/2`` times it, and so is its Hessian."""
     return ModuleHessian(model, loss_fn, batches, params, **options)
