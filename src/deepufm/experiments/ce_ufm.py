@@ -28,7 +28,7 @@ from deepufm.metrics.layer_report import layer_report
 from deepufm.models.config import UFMConfig
 from deepufm.models.ufm import DeepUFM
 from deepufm.theory import ce_constants, check_admissible
-from deepufm.theory.predictions import ce_model_predictions, ce_predictions
+from deepufm.theory.predictions import ce_model_predictions, ce_predictions, theorem_label
 from deepufm.training.config import TrainConfig
 from deepufm.training.probes import DEFAULT_PROBES, loss_probe
 from deepufm.training.trainer import TrainState, train
@@ -207,7 +207,8 @@ def run(
         tables=[
             (departures_caption("ce-ufm"), departures_table("ce-ufm", config)),
             (
-                "Constants (alpha: v2 eq. 9; eps, lambda0: this project's derivation [D])",
+                f"Constants (alpha: {theorem_label('ce_logit_scale')}; eps, lambda0: this "
+                "project's derivation [D])",
                 markdown_table(
                     ["alpha", "eps", "lambda0 (layer 1)"], [[k.alpha, k.eps, k.lambda0[0]]]
                 ),

@@ -29,6 +29,7 @@ from deepufm.experiments.results import experiment_config, write_results
 from deepufm.experiments.runs import train_ufm
 from deepufm.models.config import UFMConfig
 from deepufm.theory import check_admissible, dnc_constants
+from deepufm.theory.predictions import theorem_label
 from deepufm.training.config import TrainConfig
 from deepufm.training.probes import DEFAULT_PROBES
 
@@ -109,7 +110,8 @@ def run(
         tables=[
             (departures_caption("linear-ufm"), departures_table("linear-ufm", config)),
             (
-                "Constants (v2 eq. 17, Thm 1; docs: Concepts › Deep neural collapse)",
+                f"Constants ({theorem_label('threshold')}, {theorem_label('output_scale')}; "
+                "docs: Concepts › Deep neural collapse)",
                 markdown_table(
                     ["b", "b_crit", "c", "Lambda_l", "omega_l^2", "optimum loss"],
                     [[k.b, k.b_crit, k.c, k.hessian_eigenvalue[l - 1], k.omega2[l - 1], k.loss]],
