@@ -29,10 +29,10 @@ difference of the top-K² eigenvalues from deepufm's. Also the cost of one produ
 ``--degenerate``: a deep linear UFM written as an ``nn.Module`` (bias-free ``nn.Linear`` layers,
 the features ``H_1`` as data) at its exact DNC optimum (``deepufm.theory.dnc_optimum``). Its
 Hessian with respect to one layer's weights has ``K^2`` *exactly equal* top eigenvalues
-``Lambda_l`` (THEORY §6; the reference comes from ``dnc_constants``, not from a solver). Each
-method's top ``K^2``: time, products, and how many copies of ``Lambda_l`` it returned. deepufm
-here is :func:`deepufm.matrices.module_hessian` with its default options and the public
-``topk(k, tol)`` (certified).
+``Lambda_l`` (v1 Thm 4.1 / v2 Thm 1; the reference comes from ``dnc_constants``, not from a
+solver). Each method's top ``K^2``: time, products, and how many copies of ``Lambda_l`` it
+returned. deepufm here is :func:`deepufm.matrices.module_hessian` with its default options and
+the public ``topk(k, tol)`` (certified).
 
 Peers are optional; install them without letting pip replace the CPU torch:
     pip install --no-deps curvlinops-for-pytorch backpack-for-pytorch einconv einops \

@@ -61,7 +61,7 @@ def ufm_config(d: int, activation: str) -> UFMConfig:
 
 def model_for(d: int, activation: str) -> DeepUFM:
     """The seeded initial point, or (``activation="relu-dnc"``) the exact DNC point of Definition
-    2, whose layer Hessian has ``K^2`` exactly equal outliers ``Lambda_l`` (THEORY §6, §7)."""
+    2, whose layer Hessian has ``K^2`` exactly equal outliers ``Lambda_l`` (v2 Theorems 1 and 7)."""
     if activation == DNC:
         return dnc_optimum(ufm_config(d, activation), seed=0, nonnegative=True)
     return DeepUFM.init(ufm_config(d, activation))
@@ -480,7 +480,7 @@ def degenerate_table(cell, dims: list[int]) -> None:
     return every copy?"""
     print(
         f"Degenerate: ReLU layer-{LAYER} Hessian at an exact Definition-2 DNC point, top K² = {K2}"
-        f", tol {TOL:g}; reference Lambda_{LAYER} from the closed form (THEORY §6)\n"
+        f", tol {TOL:g}; reference Lambda_{LAYER} from the closed form (v2 Thm 1)\n"
     )
     print(
         "| d | p | method | time s (CPU s) | products | CPU ms / product | copies of Λ found / K² "

@@ -5,6 +5,9 @@ references to sections of the project's internal specification ("THEORY §4.2"),
 of the repository. On the site a role becomes plain code and a section reference becomes a link to
 the Concepts section (or the Gallery) that states the same thing. Without such text in a page the
 hook changes nothing.
+
+Only ``deepufm.analysis`` still cites the specification (tests/test_docs.py checks that no other
+user-facing file does); the rest of the package cites the Concepts page or the paper directly.
 """
 
 from __future__ import annotations

@@ -132,9 +132,7 @@ def gallery_page(gallery_dir: Path = GALLERY_DIR) -> str:
     ]
     for exp in EXPERIMENTS.values():
         data = " Needs `--data-dir` unless the data ship with an extra." if exp.needs_data else ""
-        # the registry cites the project's internal specification; the site cites the paper
-        description = re.sub(r",? THEORY §[\d.]+", "", exp.description)
-        lines += [f"## `{exp.name}`", "", f"{description}.{data}", "", "| id | content |"]
+        lines += [f"## `{exp.name}`", "", f"{exp.description}.{data}", "", "| id | content |"]
         lines += ["|---|---|"]
         lines += [f"| `{it.id}` | {it.description} |" for it in exp.items]
         lines += ["", "```bash", f"deepufm run {exp.name}", "```", ""]

@@ -232,6 +232,51 @@ def test_readme_points_only_inside_the_repository():
     assert "mkdocs build" in readme and "docs/concepts.md" in readme
 
 
+# -- user-facing text cites what a user has: the Concepts page or the paper ------------------------
+# The project's internal specification (THEORY.md) is not part of the repository, so no file a user
+# reads may cite it. Scanned: the package, the README, the examples and the benchmarks.
+CITATION_SCOPE = ("src", "README.md", "examples", "benchmarks")
+# Still cites the specification (another change rewrites it); the lead removes this exclusion then.
+CITATION_EXCLUDED = ("src/deepufm/analysis",)
+
+
+def specification_citations(
+    root: Path, scope: tuple[str, ...], excluded: tuple[str, ...]
+) -> list[str]:
+    """``"path:line"`` of every line under ``root``'s ``scope`` (files or folders) that contains
+    "THEORY", except in files under ``excluded``; caches and non-text files are skipped."""
+    found = []
+    for entry in scope:
+        base = root / entry
+        files = [base] if base.is_file() else sorted(p for p in base.rglob("*") if p.is_file())
+        for path in files:
+            rel = path.relative_to(root).as_posix()
+            if "__pycache__" in rel or any(rel == e or rel.startswith(e + "/") for e in excluded):
+                continue
+            try:
+                text = path.read_text(encoding="utf-8")
+            except UnicodeDecodeError:
+                continue
+            found += [
+                f"{rel}:{i}" for i, line in enumerate(text.splitlines(), 1) if "THEORY" in line
+            ]
+    return found
+
+
+def test_specification_citations_finds_an_added_one(tmp_path):
+    (tmp_path / "src" / "pkg" / "skip").mkdir(parents=True)
+    (tmp_path / "src" / "pkg" / "a.py").write_text('"""Fine."""\nx = 1  # THEORY §6\n')
+    (tmp_path / "src" / "pkg" / "skip" / "b.py").write_text("# THEORY §7\n")
+    (tmp_path / "src" / "pkg" / "skipped.py").write_text("# THEORY §8\n")  # not under skip/
+    (tmp_path / "README.md").write_text("see THEORY M3\n")
+    found = specification_citations(tmp_path, ("src", "README.md", "examples"), ("src/pkg/skip",))
+    assert found == ["src/pkg/a.py:2", "src/pkg/skipped.py:1", "README.md:1"]
+
+
+def test_user_facing_text_does_not_cite_the_internal_specification():
+    assert specification_citations(ROOT, CITATION_SCOPE, CITATION_EXCLUDED) == []
+
+
 def test_strict_build(tmp_path):
     if shutil.which("mkdocs") is None:
         pytest.skip('mkdocs is not installed: pip install ".[docs]" to build the documentation')

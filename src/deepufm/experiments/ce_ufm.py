@@ -1,9 +1,10 @@
-"""``ce-ufm``: the deep linear UFM with cross-entropy — the Theorem 9 spectrum (THEORY §8).
+"""``ce-ufm``: the deep linear UFM with cross-entropy — the Theorem 9 spectrum (v2 App. B).
 
-Gradient descent reaches the CE DNC critical point for K=3 (THEORY §8: K <= 3, or small lambda),
+Gradient descent reaches the CE DNC critical point for K=3 (K <= 3 is where a trained model is
+expected to reach it; docs: Concepts › Where the code departs from or goes beyond the paper),
 where the layer Hessian has K spikes — one dominant, ``lambda0[1+(1-K eps)(K-1)]``, and ``K-1`` at
 ``lambda0[1+(1-K eps)(K-2)]`` — over a mini-bulk of ``K^2-3K+1`` at ``lambda0 = alpha lam_l / K``,
-rank ``(K-1)^2``.
+rank ``(K-1)^2``. These formulas are this project's own derivation [D] (same docs section).
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ from deepufm.metrics.layer_report import layer_report
 from deepufm.models.config import UFMConfig
 from deepufm.models.ufm import DeepUFM
 from deepufm.theory import ce_constants, check_admissible
-from deepufm.theory.predictions import ce_model_predictions, ce_predictions
+from deepufm.theory.predictions import ce_model_predictions, ce_predictions, theorem_label
 from deepufm.training.config import TrainConfig
 from deepufm.training.probes import DEFAULT_PROBES, loss_probe
 from deepufm.training.trainer import TrainState, train
@@ -52,7 +53,7 @@ SEARCH_EPOCHS = 20_000
 @dataclass(frozen=True)
 class MinimumSearch:
     """Gradient descent from several initialisations of one CE configuration: the final loss
-    and gradient norm of each ``seed``, beside the CE DNC loss (THEORY §8)."""
+    and gradient norm of each ``seed``, beside the CE DNC loss (Definition 3, v2 App. B)."""
 
     K: int
     L: int
@@ -77,7 +78,8 @@ def minimum_search(
 ) -> MinimumSearch:
     """Train ``config`` (cross-entropy) from each of ``seeds`` for ``epochs`` full-batch steps
     and compare the final losses with the CE DNC loss: whether DNC is the lowest critical point
-    gradient descent finds (THEORY §8: not for ``K >= 4, L >= 3`` or ``K >= 6, L = 2``)."""
+    gradient descent finds (not for ``K >= 4, L >= 3`` or ``K >= 6, L = 2``, after Garrod &
+    Keating 2024; docs: Concepts › Where the code departs from or goes beyond the paper)."""
     if config.loss != "ce":
         raise ConfigError("loss", config.loss, "ce (the measurement is of the CE DNC point)")
     if not seeds:
@@ -152,8 +154,9 @@ def run(
             start += m
         results.append(check("Hessian rank", H, l, H.rank, rep.hessian_rank, 0))
     # Is DNC the lowest point gradient descent finds? The run's own end state and a few more
-    # initialisations of the preset's K, L; then K=4, L=2 at the same n, d, lambda (THEORY §8
-    # names it a setting that reaches DNC, which the measurement below tests).
+    # initialisations of the preset's K, L; then K=4, L=2 at the same n, d, lambda (a setting
+    # expected to reach DNC, docs: Concepts › Where the code departs ...; the measurement below
+    # tests it).
     search = minimum_search(cfg, SEARCH_SEEDS, min(tcfg.epochs, SEARCH_EPOCHS), tcfg.lr)
     search = replace(
         search,
@@ -196,14 +199,16 @@ def run(
         summary=(
             f"K={K}, n={cfg.n}, d={cfg.d}, L={cfg.L}, lambda={cfg.lam}, lr={tcfg.lr}, {tcfg.epochs} "
             f"epochs (preset '{preset_name}'). Final loss {final_loss:.10g}, CE DNC "
-            f"loss {k.loss:.10g}. The Theorem-9 formulas are this project's derivation (THEORY "
-            "§8 [D]: the paper's could not be read); departures from the paper in their table."
+            f"loss {k.loss:.10g}. The Theorem-9 formulas are this project's own derivation ([D]: "
+            "the paper's could not be read; docs: Concepts › Where the code departs from or goes "
+            "beyond the paper); departures from the paper in their table."
         ),
         figures=figures,
         tables=[
             (departures_caption("ce-ufm"), departures_table("ce-ufm", config)),
             (
-                "Constants (THEORY §8)",
+                f"Constants (alpha: {theorem_label('ce_logit_scale')}; eps, lambda0: this "
+                "project's derivation [D])",
                 markdown_table(
                     ["alpha", "eps", "lambda0 (layer 1)"], [[k.alpha, k.eps, k.lambda0[0]]]
                 ),
@@ -222,11 +227,12 @@ def run(
             ),
         ],
         notes=[
-            "THEORY §8 quotes Garrod & Keating (2024): the CE DNC point is a critical point with "
-            "a PSD Hessian but not the global minimum for K >= 4 with L >= 3, or K >= 6 with "
-            "L = 2, and names K <= 3, or K = 4 with L = 2, as settings where a trained model "
-            "reaches DNC. Both were measured here, by gradient descent from several "
-            "initialisations (table above).",
+            "After Garrod & Keating (2024), the CE DNC point is a critical point with a PSD "
+            "Hessian but not the global minimum for K >= 4 with L >= 3, or K >= 6 with L = 2; "
+            "K <= 3, or K = 4 with L = 2, are settings where a trained model is expected to "
+            "reach DNC (docs: Concepts › Where the code departs from or goes beyond the paper). "
+            "Both were measured here, by gradient descent from several initialisations (table "
+            "above).",
             _search_note(search, cfg.n, cfg.d, cfg.lam),
             _search_note(search4, cfg.n, cfg.d, cfg.lam)
             + (

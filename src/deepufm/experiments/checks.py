@@ -75,12 +75,13 @@ def layer_predictions(
     notes: Mapping[int, str] | None = None,
     scopes: Mapping[int, str] | None = None,
 ) -> list[Result]:
-    """Every THEORY §6 prediction at each of ``layers`` (default all) beside its measurement.
+    """Every prediction at the optimum at each of ``layers`` (default all) beside its measurement
+    (docs: Concepts › Predictions at the optimum (linear MSE)).
 
     The predictions are the records of :func:`~deepufm.theory.predictions.predictions` and
     :func:`~deepufm.theory.predictions.scalar_predictions` (``k`` is not read: the records carry
     their own constants; it stays in the signature for the callers that pass it). ``relu_tol``
-    is passed to the matrices (ReLU, THEORY §7); ``notes[l]`` is attached to every record of
+    is passed to the matrices (ReLU, v2 Theorem 7); ``notes[l]`` is attached to every record of
     layer ``l``, and ``scopes[l]`` (``"out: <the hypothesis that fails>"``) marks them as outside
     the theorems' hypotheses (e.g. a ReLU layer off the Definition-2 point).
     """

@@ -2,11 +2,12 @@
 table of every report, built from the run's ``config`` (``results.json``) and a record of the
 paper's setting per experiment.
 
-The paper's values are those of its text (v1 §5, v2 §3–4 and App. G.2) as recorded in THEORY
-§10. Many of the v1 numbers were lost when the paper was extracted; THEORY §10 takes
-them from an independent reproduction of v1 and marks them provisional [U]. Each record says
-which it is: ``stated`` (readable in the paper), ``provisional`` (THEORY §10's stand-in for a
-number that could not be read) or ``not stated`` (the paper does not give it).
+The paper's values are those of its text (v1 §5, v2 §3–4 and App. G.2). Many of the v1 numbers
+were lost when the paper was extracted; for those the project takes the values of an independent
+reproduction of v1 and marks them provisional [U] (docs: Concepts › Provisional settings, which
+lists every stand-in). Each record says which it is: ``stated`` (readable in the paper),
+``provisional`` (a stand-in the project chose for a number that is not stated or could not be
+read) or ``not stated`` (the paper does not give it).
 """
 
 from __future__ import annotations
@@ -93,8 +94,9 @@ def departures_caption(experiment: str) -> str:
     """The report's caption of the table: what the columns mean."""
     return (
         f"Departures from the paper ({experiment}): this run's settings against the paper's; "
-        "'provisional' values are THEORY §10's stand-ins for numbers lost from the extracted "
-        "v1 text, 'not stated' ones the paper does not give"
+        "'provisional' values are this project's stand-ins for numbers the paper does not state "
+        "or that were lost from the extracted v1 text (docs: Concepts › Provisional settings), "
+        "'not stated' ones the paper does not give"
     )
 
 
@@ -123,7 +125,9 @@ def _optimiser(c: Mapping[str, Any]) -> str:
 
 
 _V1 = "v1 §5.1"
-_V1_LOST = "THEORY §10: v1's number lost in extraction; a v1 reproduction's value"
+# where the project's stand-ins are listed, with the reason for each
+_PROVISIONAL = "docs: Concepts › Provisional settings"
+_V1_LOST = f"v1's number lost in extraction; a v1 reproduction's value, {_PROVISIONAL}"
 
 
 def _ufm_common(source: str) -> tuple[PaperSetting, ...]:
@@ -209,13 +213,19 @@ def _network_settings(source: str, per_class: int, epochs: int, lr: float, halve
         PaperSetting("feature map", "ResNet-20", STATED, g2, _resnet),
         PaperSetting("head layers L", 4, STATED, f"{g2}: 'four linear layers'", _train("L")),
         PaperSetting(
-            "head width d", 64, PROVISIONAL, "THEORY §10 (not stated; companion paper)", _train("d")
+            "head width d",
+            64,
+            PROVISIONAL,
+            f"not stated; as the companion paper, {_PROVISIONAL}",
+            _train("d"),
         ),
-        PaperSetting("lambda (head)", 5e-3, PROVISIONAL, "THEORY §10 (not stated)", _train("lam")),
         PaperSetting(
-            "lambda_H (features)", 1e-6, PROVISIONAL, "THEORY §10 (not stated)", _train("lam_H")
+            "lambda (head)", 5e-3, PROVISIONAL, f"not stated; {_PROVISIONAL}", _train("lam")
         ),
-        PaperSetting("loss", "mse", PROVISIONAL, "THEORY §10 (MSE implied)", _train("loss")),
+        PaperSetting(
+            "lambda_H (features)", 1e-6, PROVISIONAL, f"not stated; {_PROVISIONAL}", _train("lam_H")
+        ),
+        PaperSetting("loss", "mse", PROVISIONAL, f"MSE implied; {_PROVISIONAL}", _train("loss")),
         PaperSetting("dtype", None, NOT_STATED, g2, _train("dtype")),
     )
 

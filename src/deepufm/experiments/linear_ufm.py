@@ -1,9 +1,10 @@
 """``linear-ufm``: the deep linear UFM with MSE loss — v1 Figs 3–8, 12–14; v2 Figs 1, 2, 7, 9.
 
-Trains the v1 configuration (THEORY §10: K=3, n=40, d=60, L=5, lambda=0.01, layer 3; lr and
-initialisation are the provisional [U] defaults) with a spectral probe at layer ``l``, draws every
-figure of the family, and compares the final state with every prediction of THEORY §6 at every
-layer.
+Trains the v1 configuration (K=3, n=40, d=60, L=5, lambda=0.01, layer 3; n, d, L and lambda are
+provisional stand-ins for v1 numbers lost in extraction, lr and initialisation the project's [U]
+defaults: docs: Concepts › Provisional settings) with a spectral probe at layer ``l``, draws every
+figure of the family, and compares the final state with every prediction at the optimum (docs:
+Concepts › Predictions at the optimum (linear MSE)) at every layer.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from deepufm.experiments.results import experiment_config, write_results
 from deepufm.experiments.runs import train_ufm
 from deepufm.models.config import UFMConfig
 from deepufm.theory import check_admissible, dnc_constants
+from deepufm.theory.predictions import theorem_label
 from deepufm.training.config import TrainConfig
 from deepufm.training.probes import DEFAULT_PROBES
 
@@ -48,7 +50,8 @@ EARLY = (2, 3, 5, 7, 15, 20, 30, 50, 70, 150, 200, 300, 500, 700)
 
 
 def preset(name: str) -> Preset:
-    """``quick`` (6,000 epochs) or ``paper`` (100,000 epochs) of the THEORY §10 v1 setting."""
+    """``quick`` (6,000 epochs) or ``paper`` (100,000 epochs) of the v1 setting (provisional
+    where v1's numbers were lost; docs: Concepts › Provisional settings)."""
     model = UFMConfig(K=3, n=40, d=60, L=5, lam=0.01, seed=0)
     if name == "paper":
         train_cfg = TrainConfig(lr=0.5, epochs=100_000, probes_per_decade=20, probe_at=EARLY)
@@ -95,7 +98,9 @@ def run(
         summary=(
             f"K={cfg.K}, n={cfg.n}, d={cfg.d}, L={cfg.L}, lambda={cfg.lam}, lr={tcfg.lr}, "
             f"{tcfg.epochs} epochs of full-batch gradient descent from N(0, 1/d) (preset "
-            f"'{preset_name}'; THEORY §10 v1 values, lr and initialisation provisional). Figures "
+            f"'{preset_name}'; v1's values, provisional where lost in extraction, lr and "
+            "initialisation the project's choice: docs: Concepts › Provisional settings). "
+            "Figures "
             f"show layer {l}; the table checks every layer at the final epoch and, at layer {l}, "
             f"the over-training claims of the figures (from the probe rows, to "
             f"{OVER_TRAINING_TOL:g}). Final loss {final_loss:.10g} (optimum {k.loss:.10g}). "
@@ -105,7 +110,8 @@ def run(
         tables=[
             (departures_caption("linear-ufm"), departures_table("linear-ufm", config)),
             (
-                "Constants (THEORY §4.2)",
+                f"Constants ({theorem_label('threshold')}, {theorem_label('output_scale')}; "
+                "docs: Concepts › Deep neural collapse)",
                 markdown_table(
                     ["b", "b_crit", "c", "Lambda_l", "omega_l^2", "optimum loss"],
                     [[k.b, k.b_crit, k.c, k.hessian_eigenvalue[l - 1], k.omega2[l - 1], k.loss]],

@@ -49,10 +49,11 @@ class SpectralProbe:
     (written to ``path``, ``spectra.npz``, as each is taken, so that a resumed run keeps them:
     :meth:`load`).
 
-    ReLU models (THEORY §7): pre-activations ``>= -relu_tol * max|u|`` count as non-negative
-    (sigma'(0) = 1), also in ``negative_fraction_by_layer`` (``u^(2) .. u^(L)``); with
-    ``zero_below > 0`` the measurements are taken on a copy whose parameter entries below it are
-    set to 0 (training is not touched).
+    ReLU models (v2 Theorem 7; docs: Concepts › Conventions): pre-activations
+    ``>= -relu_tol * max|u|`` count as non-negative (sigma'(0) = 1), also in
+    ``negative_fraction_by_layer`` (``u^(2) .. u^(L)``); with ``zero_below > 0`` the
+    measurements are taken on a copy whose parameter entries below it are set to 0 (training is
+    not touched).
     """
 
     layer: int

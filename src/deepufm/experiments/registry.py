@@ -1,4 +1,4 @@
-"""The experiments that regenerate the paper's figures and tables (THEORY §10).
+"""The experiments that regenerate the paper's figures and tables (v1 §5; v2 §3–5, App. G).
 
 Each experiment is one model family; it trains (or builds) its models, measures every matrix,
 draws every figure of that family, and writes the run directory with ``results.json`` and the
@@ -40,7 +40,7 @@ class Experiment:
     module: str
     items: tuple[Item, ...]
     # Extra keyword arguments of `run` (e.g. which data set); `needs_data` experiments also take
-    # `data_dir` (data sets that cannot ship are read from there, THEORY §10).
+    # `data_dir` (data sets that cannot ship are read from there).
     options: tuple[tuple[str, Any], ...] = ()
     needs_data: bool = False
 
@@ -83,7 +83,7 @@ CE = Experiment(
 
 RELU = Experiment(
     "relu-ufm",
-    "deep ReLU UFM with MSE loss (v1 §4.2, v2 §4, THEORY §7): Theorem 7 layer by layer, the "
+    "deep ReLU UFM with MSE loss (v1 §4.2, v2 §4): Theorem 7 layer by layer, the "
     "flat family at the first ReLU, negative pre-activations, NC3-type Grams",
     "deepufm.experiments.relu_ufm",
     (

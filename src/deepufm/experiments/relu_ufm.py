@@ -1,10 +1,12 @@
 """``relu-ufm``: the deep ReLU UFM with MSE loss — v1 Figs 9–11, Tables 1–4; v2 Figs 3–5, 8, 10, 11.
 
-THEORY §7: at a Definition-2 point (a linear DNC optimum whose pre-activations are all
-non-negative) the layer Hessian, data gradient and weights equal the linear ones (Theorem 7), so
-every THEORY §6 prediction carries over with sigma'(0) = 1. Gradient descent does not end exactly
-there: the first ReLU sits on a flat family with the same loss whose pre-activations ``u^(2)`` are
-partly negative, and deeper pre-activations keep tiny negative residues. The experiment therefore
+v2 Theorem 7: at a Definition-2 point (a linear DNC optimum whose pre-activations are all
+non-negative) the layer Hessian, data gradient and weights equal the linear ones, so every
+prediction at the linear optimum (docs: Concepts › Predictions at the optimum (linear MSE))
+carries over with sigma'(0) = 1. Gradient descent does not end exactly there: the first ReLU sits
+on a flat family with the same loss whose pre-activations ``u^(2)`` are partly negative (this
+project's own derivation, docs: Concepts › Where the code departs from or goes beyond the
+paper), and deeper pre-activations keep tiny negative residues. The experiment therefore
 
 * counts a pre-activation as non-negative when ``u >= -relu_tol * max|u|`` (sigma'(0) = 1 at the
   rounded zeros; ``relu_tol`` [U] stands in for the paper's zeroing of tiny parameters, which is
@@ -12,10 +14,11 @@ partly negative, and deeper pre-activations keep tiny negative residues. The exp
 * checks the predictions at every layer and states, per layer, whether they apply: they do for
   ``W_l`` when every pre-activation downstream of it (``u^(l+1) .. u^(L)``) is non-negative.
 
-Configuration (THEORY §10, provisional [U]): K=3, n=40, d=65, lambda=0.01, N(0, 1/d), lr 0.5,
-layer ``l = L-1``. The v1 reproduction's L=5 is replaced by L=4: at L=5, lambda=0.01 gradient
-descent from N(0, 1/d) ends, for every seed we tried, at rank-2 critical points (the low-rank
-solutions of Sukenik et al. 2024), not at DNC — see :func:`preset`.
+Configuration (provisional [U], docs: Concepts › Provisional settings): K=3, n=40, d=65,
+lambda=0.01, N(0, 1/d), lr 0.5, layer ``l = L-1``. The v1 reproduction's L=5 is replaced by L=4:
+at L=5, lambda=0.01 gradient descent from N(0, 1/d) ends, for every seed we tried, at rank-2
+critical points (the low-rank solutions of Sukenik et al. 2024), not at DNC — see
+:func:`preset`.
 """
 
 from __future__ import annotations
@@ -57,7 +60,8 @@ from deepufm.training.trainer import TrainState, train
 
 @dataclass(frozen=True)
 class Preset:
-    """``relu_tol`` and ``zero_below`` are the [U] stand-ins for the paper's zeroing (THEORY §12);
+    """``relu_tol`` and ``zero_below`` are the [U] stand-ins for the paper's zeroing (its
+    thresholds were lost; docs: Concepts › Where the code departs from or goes beyond the paper);
     ``reference_epochs`` trains the linear model of the same configuration (v1 Table 3)."""
 
     model: UFMConfig
@@ -142,7 +146,8 @@ def run(
         summary=(
             f"K={cfg.K}, n={cfg.n}, d={cfg.d}, L={cfg.L}, lambda={cfg.lam}, lr={tcfg.lr}, "
             f"{tcfg.epochs} epochs of full-batch gradient descent from N(0, 1/d) (preset "
-            f"'{preset_name}'; THEORY §10 provisional values; departures from the paper in "
+            f"'{preset_name}'; provisional values, docs: Concepts › Provisional settings; "
+            "departures from the paper in "
             f"their table). sigma'(0) = 1; pre-activations "
             f">= -{pre.relu_tol:g} max|u| count as non-negative"
             + (f"; parameters below {pre.zero_below:g} zeroed" if pre.zero_below else "")
@@ -174,7 +179,7 @@ def _negative_fractions(model: DeepUFM, relu_tol: float) -> dict[int, float]:
 
 def _applicability(negative: dict[int, float], L: int) -> tuple[dict[int, str], dict[int, str]]:
     """``({l: scope}, {l: note})`` for the layers outside Theorem 7's hypothesis: ``W_l``'s
-    Jacobian carries the masks of ``u^(l+1) .. u^(L)`` (THEORY §7), so the linear predictions
+    Jacobian carries the masks of ``u^(l+1) .. u^(L)`` (v2 Theorem 7), so the linear predictions
     need every one of them non-negative (a Definition-2 point downstream of layer ``l``)."""
     scopes, notes = {}, {}
     for l in range(1, L + 1):
@@ -189,7 +194,10 @@ def _applicability(negative: dict[int, float], L: int) -> tuple[dict[int, str], 
 
 
 # The explanation is this project's own derivation, not the paper's: say so wherever it is used.
-FLAT_FAMILY = "flat family at the first ReLU (this project's derivation, THEORY §7 [D])"
+FLAT_FAMILY = (
+    "flat family at the first ReLU (this project's own derivation [D], docs: Concepts › "
+    "Where the code departs from or goes beyond the paper)"
+)
 
 
 def _negative_results(
@@ -323,8 +331,9 @@ def _report_notes(
             "Not reproduced: the non-negativity of u^(2) that v2 Fig. 3 shows and Definition 2 "
             f"asks for. Here {100 * negative[2]:.1f}% of u^(2) stays negative at the end. The "
             "explanation, that gradient descent ends on a flat family of critical points at the "
-            "first ReLU with the Definition-2 loss (THEORY §7), is this project's own derivation "
-            "[D], not the paper's; tests/test_relu.py checks it at exact points."
+            "first ReLU with the Definition-2 loss, is this project's own derivation [D], not "
+            "the paper's (docs: Concepts › Where the code departs from or goes beyond the "
+            "paper); tests/test_relu.py checks it at exact points."
         )
     out.append(
         f"Why L={cfg.L} and not the v1 reproduction's L=5: with K=3, n=40, d=65, lambda=0.01, "
@@ -493,7 +502,8 @@ def _figures(
     add(
         "v2-fig3",
         "v2 Fig. 3: negative pre-activation entries per layer (-> 0 beyond the first ReLU; the "
-        "first keeps them on its flat family, this project's derivation, THEORY §7 [D]; at "
+        "first keeps them on its flat family, this project's own derivation [D], docs: "
+        "Concepts › Where the code departs from or goes beyond the paper; at "
         f"epoch {epochs[-1]}: {final_neg}) and the orthogonal-frame distance (-> 0; max "
         f"{np.nanmax(frame[-1]):.2e}).",
         fig,

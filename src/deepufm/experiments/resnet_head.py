@@ -3,8 +3,9 @@ App. G.2) — v2 Figs 6, 12–18 and the full-network Hessian of Theorem 6.
 
 The network is trained with UFM-style regularisation (``deepufm.training.network``); at log-spaced
 epochs the head is read off as a deep UFM whose ``H1`` are the backbone's features of every image
-(BatchNorm in eval mode, THEORY §10), so every layer-wise matrix of the head is the exact
-structured one of ``deepufm.matrices`` (M2: Kronecker forms for the linear MSE head). The theory has
+(BatchNorm in eval mode, a project choice: docs: Concepts › Provisional settings), so every
+layer-wise matrix of the head is the exact structured one of ``deepufm.matrices`` (Kronecker
+forms for the linear MSE head). The theory has
 no closed-form optimum here (the features are not free), so the report compares the *structure*
 with the predictions — K^2 outliers, knockout counts, alignments, gradient coefficients, effective
 ranks — within :data:`HEAD_TOLERANCES`, beside the training residue that bounds how exactly they can
@@ -51,11 +52,12 @@ DATASETS = {
 
 @dataclass(frozen=True)
 class Preset:
-    """``training`` is the network run; ``layer`` the studied head layer (THEORY §10: 2);
-    ``snapshots`` the epochs whose full spectra are kept; ``full_hessian_k`` eigenvalues of the
-    whole network's Hessian (Theorem 6; 0 means K^2), ``hutchinson`` probe vectors for its
-    Frobenius norm, ``full_hessian_per_class`` images per class it is measured on (``None``: all;
-    float64 convolutions on a CPU make each product costly)."""
+    """``training`` is the network run; ``layer`` the studied head layer (2, not stated in the
+    paper: docs: Concepts › Provisional settings); ``snapshots`` the epochs whose full spectra
+    are kept; ``full_hessian_k`` eigenvalues of the whole network's Hessian (Theorem 6; 0 means
+    K^2), ``hutchinson`` probe vectors for its Frobenius norm, ``full_hessian_per_class`` images
+    per class it is measured on (``None``: all; float64 convolutions on a CPU make each product
+    costly)."""
 
     training: net.NetworkTrainConfig
     layer: int
@@ -104,8 +106,8 @@ def head_probe(spectral: SpectralProbe) -> net.NetworkProbe:
 @dataclass(frozen=True)
 class FullHessianComparison:
     """Top eigenvalues of the data-loss Hessian of the whole network and of its head block
-    ``H_WW``, each divided by its Frobenius norm (THEORY §6.1), and the relative Frobenius size
-    of everything outside the head block, ``sqrt(||H||_F^2 - ||H_WW||_F^2) / ||H_WW||_F``."""
+    ``H_WW``, each divided by its Frobenius norm (v2 §3.4, Theorem 6), and the relative Frobenius
+    size of everything outside the head block, ``sqrt(||H||_F^2 - ||H_WW||_F^2) / ||H_WW||_F``."""
 
     full: np.ndarray
     head: np.ndarray
@@ -433,8 +435,9 @@ def _compare(head: DeepUFM, l: int) -> tuple[list[Result], LayerReport]:
 
 # -- the Theorem 6 verdict -------------------------------------------------------------------------
 
-# Theorem 6 is a limit statement (THEORY §6.1); a finite network is judged against it to 10 %,
-# widened by two standard errors of the Hutchinson estimate of ||H||_F.
+# Theorem 6 is a limit statement (v2 §3.4; docs: Concepts › Where the code departs from or goes
+# beyond the paper); a finite network is judged against it to 10 %, widened by two standard
+# errors of the Hutchinson estimate of ||H||_F.
 THEOREM6_TOL = 0.1
 
 
@@ -445,7 +448,7 @@ def theorem6_verdict(cmp: FullHessianComparison, K: int) -> tuple[Result, list[s
     ``1/K`` (the record :func:`~deepufm.theory.predictions.full_hessian_prediction`); its error
     bar is the Hutchinson standard error of ``||H_full||_F`` carried to the ratio (the same
     relative size). The hypothesis (the feature-map blocks a small perturbation of the head block,
-    THEORY §6.1) is judged by the measured ``||off-head||_F / ||H_WW||_F``: at 1 or more the row
+    v2 §3.4) is judged by the measured ``||off-head||_F / ||H_WW||_F``: at 1 or more the row
     is out of scope. By Weyl's inequality every eigenvalue of ``H_full`` is within
     ``||off-head||_F`` of one of ``diag(0, H_WW)``, so the K^2 plateau of the head can show in the
     whole Hessian only when that is small against the head's spikes.

@@ -126,7 +126,8 @@ class LayerMeasurement:
 
     @cached_property
     def decomposition(self) -> PapyanDecomposition:
-        """Papyan's class / cross / within terms of ``G_l`` (THEORY M3)."""
+        """Papyan's class / cross / within terms of ``G_l`` (v1 Thm 4.2 / v2 Thm 2; docs:
+        Concepts › The curvature matrices)."""
         return papyan_decomposition(self.model, self.layer, self.relu_tol)
 
     @cached_property

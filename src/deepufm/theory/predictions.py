@@ -98,7 +98,8 @@ def _scalar(key: str, layer: int | None, value: float, theorem: str, text: str) 
 
 
 def scalar_predictions(K: int, layer: int) -> list[ScalarPrediction]:
-    """The one-number consequences of THEORY §6 at ``W_layer`` of a DNC point with ``K`` classes.
+    """The one-number consequences of the predictions at the optimum (docs: Concepts ›
+    Predictions at the optimum (linear MSE)) at ``W_layer`` of a DNC point with ``K`` classes.
 
     They need no constants (they hold at any DNC point, also the structural ones of a real
     network's head): the K^2 predicted vectors are eigenvectors (alignment ``f_cc' = 1``), the
@@ -164,9 +165,10 @@ def scalar_prediction(K: int, layer: int, key: str) -> ScalarPrediction:
 
 
 def relu_predictions(model: DeepUFM) -> list[ScalarPrediction]:
-    """THEORY §7 for a ReLU model: the loss of a Definition-2 point is the linear optimum's (v2
-    Theorem 8), and every pre-activation ``u^(m)``, ``m = 2..L``, is non-negative (Definition 2,
-    recorded at layer ``m``: ``u^(m)`` is the input of the ReLU that makes ``H_m``)."""
+    """The deep ReLU UFM (v2 §4) at the whole-model level: the loss of a Definition-2 point is
+    the linear optimum's (v2 Theorem 8), and every pre-activation ``u^(m)``, ``m = 2..L``, is
+    non-negative (Definition 2, recorded at layer ``m``: ``u^(m)`` is the input of the ReLU that
+    makes ``H_m``)."""
     cfg = model.config
     out = [_scalar("loss", None, dnc_constants(cfg).loss, "relu_loss", "loss = linear optimum")]
     out += [
@@ -177,7 +179,7 @@ def relu_predictions(model: DeepUFM) -> list[ScalarPrediction]:
 
 
 def full_hessian_prediction(K: int) -> ScalarPrediction:
-    """v2 Theorem 6 (THEORY §6.1, qualitative): in the deep-head limit (``L -> infinity`` with
+    """v2 Theorem 6 (v2 §3.4, qualitative): in the deep-head limit (``L -> infinity`` with
     ``L_F/L -> 0``, all layer-pair blocks of the same Frobenius order) the whole-network Hessian
     divided by its Frobenius norm has ``K^2`` equal spikes at ``1/K`` (those of the head block)."""
     return _scalar(
@@ -190,11 +192,12 @@ def full_hessian_prediction(K: int) -> ScalarPrediction:
 
 
 def ce_model_predictions(model: DeepUFM) -> list[ScalarPrediction]:
-    """THEORY §8 at the whole-model level: the loss at the CE DNC point (Definition 3), its logit
-    scale ``alpha`` (v2 eq. 9), and ``global_minimum_gap``: the DNC loss minus the lowest loss
-    gradient descent reaches from random initialisations, predicted 0 (v2 App. B: DNC is a
-    critical point with a PSD Hessian that training selects for some settings; THEORY §8 quotes
-    Garrod & Keating 2024 for lower minima at ``K >= 4, L >= 3`` and ``K >= 6, L = 2``)."""
+    """The CE deep UFM (v2 App. B) at the whole-model level: the loss at the CE DNC point
+    (Definition 3), its logit scale ``alpha`` (v2 eq. 9), and ``global_minimum_gap``: the DNC
+    loss minus the lowest loss gradient descent reaches from random initialisations, predicted 0
+    (v2 App. B: DNC is a critical point with a PSD Hessian that training selects for some
+    settings; Garrod & Keating 2024 find lower minima at ``K >= 4, L >= 3`` and ``K >= 6,
+    L = 2``: docs: Concepts › Where the code departs from or goes beyond the paper)."""
     k = ce_constants(model.config)
     return [
         _scalar("loss", None, k.loss, "ce_dnc", "loss at the CE DNC point"),
