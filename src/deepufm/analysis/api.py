@@ -26,7 +26,7 @@ from deepufm.errors import ConfigError
 from deepufm.models.resnet import curvature_mode
 
 CONVENTIONS = {
-    "vec": "row-major: w = vec([W b]) = [W b].reshape(-1) (THEORY §2)",
+    "vec": "row-major: w = vec([W b]) = [W b].reshape(-1) (deepufm.vec)",
     "bias": "homogeneous coordinates: parameters [W b] (d_out x (d_in+1)), inputs h~ = [h; 1]",
     "class_means": (
         "mu_c = mean of the samples of class c (any order, any class sizes); global mean = "
@@ -39,7 +39,7 @@ CONVENTIONS = {
     ),
     "papyan": (
         "G_class = sum_c (K n_c/N) v_c v_c^T, G_cross = sum_c (n_c/N) sum_r (v_cr - v_c)(...)^T, "
-        "G_within the rest (exact for any class sizes n_c; THEORY M3 when balanced); ranks and "
+        "G_within the rest (exact for any class sizes n_c; v1 Thm 4.2 / v2 Thm 2 when balanced); ranks and "
         "knockouts of the Gauss-Newton part G"
     ),
     "mode": "eval mode (BatchNorm running statistics, no dropout); the model is left unchanged",
@@ -199,7 +199,7 @@ def analyze(
     network_density: bool | int = False,
     density_steps: int = 80,
 ) -> Analysis:
-    """The paper's per-layer analysis (THEORY §5, §9) of the ``nn.Linear`` layers of ``model``.
+    """The paper's per-layer analysis (docs: Concepts › The curvature matrices, The metrics) of the ``nn.Linear`` layers of ``model``.
 
     Args:
         model: any ``nn.Module`` mapping a batch ``X`` to logits ``(B, K)``. Measured in eval mode

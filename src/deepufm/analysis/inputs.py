@@ -1,6 +1,6 @@
 """What `deepufm.analyze` accepts: data as batches, labels, the data loss and its logit derivatives.
 
-Data loss (THEORY §3), a mean over the ``N`` samples of the whole data set however it is batched:
+Data loss (docs: Concepts › Deep unconstrained feature models), a mean over the ``N`` samples of the whole data set however it is batched:
 
 * ``"mse"``: ``D = 1/(2N) sum_i ||z_i - e_{y_i}||^2`` — the paper's loss. ``nn.MSELoss()`` averages
   over the ``N K`` entries, so ``D = (K/2) * nn.MSELoss()(z, one_hot(y))``.

@@ -1,7 +1,7 @@
-"""Every matrix and metric of one ``nn.Linear`` layer of any model (THEORY §5, §9).
+"""Every matrix and metric of one ``nn.Linear`` layer of any model (docs: Concepts › The curvature matrices, The metrics).
 
 **Homogeneous coordinates.** The layer's parameters are its weight *and* bias, taken together as
-``W~ = [W b]`` ``(d_out, d_in + 1)`` with ``w~ = vec(W~)`` (row-major, THEORY §2) and inputs
+``W~ = [W b]`` ``(d_out, d_in + 1)`` with ``w~ = vec(W~)`` (row-major, ``deepufm.vec``) and inputs
 ``h~ = [h; 1]``, so that ``u = W~ h~``. The layer then has exactly the form of a deep-UFM layer and
 every structured matrix of ``deepufm.matrices`` applies with ``H~`` in place of ``H``; a layer
 without bias has ``W~ = W``, ``h~ = h``.
@@ -34,7 +34,7 @@ weights for MSE; Papyan 2020's loss-Hessian-weighted rows for CE), class-pair me
     G_cross  = sum_c (n_c / N) sum_r (v_{cr} - v_c)(v_{cr} - v_c)^T
     G_within = 1/N sum_n sum_r (v_{nr} - v_{c_n r})(v_{nr} - v_{c_n r})^T
 
-sum exactly to ``G`` for any class sizes and reduce to THEORY M3 for balanced classes
+sum exactly to ``G`` for any class sizes and reduce to v1 Thm 4.2 / v2 Thm 2's terms for balanced classes
 (``n_c = N/K``): :func:`deepufm.matrices.papyan.labelled_papyan`, the one implementation (the
 deep UFM's ``papyan_decomposition`` is its balanced case). Papyan ranks and knockouts
 (``G - G_X``) are those of ``G``.
@@ -152,7 +152,7 @@ def gauss_newton(layer: LayerData, loss: DataLoss) -> SymmetricMatrix:
 
 
 FORMS = {
-    "mse": "mse (unit weights, THEORY M3; class sizes n_c)",
+    "mse": "mse (unit weights, v1 Thm 4.2 / v2 Thm 2; class sizes n_c)",
     "ce": "ce-loss-hessian-weighted (Papyan 2020; class sizes n_c)",
     "callable": "loss-hessian-weighted, M = Lambda^(1/2) Q^T of d2l/dz2 = Q Lambda Q^T (class sizes n_c)",
 }
@@ -571,7 +571,7 @@ def layer_record(
 
 def _backprop(layer: LayerData) -> list[float]:
     """Top-``K`` eigenvalues of ``Sigma_delta = 1/N sum_n sum_c' J_n^T (z_n - e_c')(z_n - e_c')^T
-    J_n`` (THEORY M9, MSE), using ``sum_c' (z - e_c')(z - e_c')^T = K z z^T - z 1^T - 1 z^T + I``."""
+    J_n`` (docs: Concepts › The curvature matrices; MSE), using ``sum_c' (z - e_c')(z - e_c')^T = K z z^T - z 1^T - 1 z^T + I``."""
     z, J, K = layer.z, layer.down.J, layer.K
     ones = torch.ones_like(z)
     inner = (
