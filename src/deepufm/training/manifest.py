@@ -1,6 +1,7 @@
 """What deepufm wrote into a run directory: ``manifest.json``, and the overwrite rule built on it.
 
-``manifest.json`` = ``{"deepufm_version", "kind", "name", "status", "files", "previous"}``:
+``manifest.json`` = ``{"deepufm_version", "kind", "name", "status", "files", "previous",
+"schema"}``:
 
 * ``kind``/``name``: who owns the directory: ``"train"`` (``deepufm train``), ``"network"``
   (:func:`deepufm.training.network.train`), ``"experiment"`` with ``name`` the experiment and
@@ -9,7 +10,11 @@
 * ``status``: ``"running"`` until the run completes, then ``"complete"``;
 * ``files``: every path (relative, ``/``-separated) this run wrote, recorded *before* writing it;
 * ``previous``: what the run it replaces wrote and this one has not rewritten yet; deleted when
-  this run completes, so that a kill before then leaves the earlier results in place.
+  this run completes, so that a kill before then leaves the earlier results in place;
+* ``schema``: the version of the measurement files' keys (``metrics.jsonl`` rows), an integer;
+  a manifest without it is version 1. :data:`SCHEMA_CHANGES` says which kinds of run each
+  version changed; a run is continued only when none changed its kind since the directory's
+  version (:func:`check_schema`).
 
 Only paths written while holding the directory's lock (:mod:`deepufm.training.lock`) are recorded,
 and only recorded paths are ever replaced or deleted: files deepufm did not write stay.
@@ -30,6 +35,28 @@ MANIFEST = "manifest.json"
 KINDS = ("train", "network", "experiment", "probe")
 _OURS = {MANIFEST, lock.LOCK}
 
+SCHEMA_CHANGES: dict[int, tuple[tuple[str, str], ...]] = {
+    2: (
+        (
+            "experiment",
+            "the experiments' probe rows took layer_report's keys (hessian_top -> "
+            "hessian_eigenvalues, f -> eigvec_alignment, gamma -> gradient_coefficients, "
+            "knockout_* -> knockout_eigenvalues {class, cross, within}, weight_gram_top "
+            "(eigenvalues of W^T W) -> weight_singular_values, ...), which old rows cannot be "
+            "converted to exactly",
+        ),
+    ),
+}
+"""Schema version -> ``(kind, what changed)`` for each kind of run whose measurement files it
+changed. Version 2: the experiments' ``metrics.jsonl`` probe rows (``deepufm train``, network
+and probe runs kept their keys, so their version-1 directories are continued as they are). The
+old probe rows lack what the new ones hold (all singular values of ``W_l`` where they kept the
+top ``K + 2`` eigenvalues of ``W_l^T W_l``, ``effective_rank_weight``, knockouts by the exact
+route), so they are not rewritten: such a directory is refused with what to do."""
+
+SCHEMA_VERSION: int = max(SCHEMA_CHANGES)
+"""The schema version this deepufm writes (recorded as ``schema`` in ``manifest.json``)."""
+
 
 @dataclass(frozen=True)
 class Manifest:
@@ -41,6 +68,7 @@ class Manifest:
     files: tuple[str, ...] = ()
     previous: tuple[str, ...] = ()
     deepufm_version: str = __version__
+    schema: int = SCHEMA_VERSION
 
     @property
     def owner(self) -> str:
@@ -65,6 +93,7 @@ def read_manifest(run_dir: Path | str) -> Manifest | None:
             files=tuple(data["files"]),
             previous=tuple(data.get("previous", ())),
             deepufm_version=str(data.get("deepufm_version", "")),
+            schema=int(data.get("schema", 1)),  # written before schema versions: version 1
         )
     except (OSError, ValueError, KeyError, TypeError):
         return None
@@ -142,6 +171,9 @@ def begin(
     old = read_manifest(run_dir)
     same = old is not None and (old.kind, old.name) == (kind, name)
     if resume and same:
+        check_schema(run_dir, old, param)
+        if old.schema != SCHEMA_VERSION:  # no change to this kind since: it is current
+            write_manifest(run_dir, replace(old, schema=SCHEMA_VERSION))
         return True
     foreign = foreign_files(run_dir, old)
     if not overwrite and (foreign or (old is not None and not (same and rerun))):
@@ -162,6 +194,46 @@ def begin(
     previous = () if old is None else tuple(dict.fromkeys((*old.previous, *old.files)))
     write_manifest(run_dir, Manifest(kind, name, "running", (), previous))
     return False
+
+
+def schema_changes(kind: str, schema: int) -> list[tuple[int, str]]:
+    """``(version, what changed)`` for every schema version after ``schema`` that changed the
+    measurement files of runs of ``kind`` (empty: a directory of ``schema`` is current)."""
+    return [
+        (version, what)
+        for version, changes in sorted(SCHEMA_CHANGES.items())
+        if version > schema
+        for k, what in changes
+        if k == kind
+    ]
+
+
+def check_schema(run_dir: Path, manifest: Manifest, param: str = "--out") -> None:
+    """Refuse to continue the run in ``run_dir`` when its measurement files are of an older
+    schema than this deepufm writes for its kind (appending would mix two sets of keys, and the
+    figures and checks read the new ones); the message names the directory, both versions and
+    what to do. Nothing is written."""
+    changes = schema_changes(manifest.kind, manifest.schema)
+    if not changes:
+        return
+    written = f" (deepufm {manifest.deepufm_version})" if manifest.deepufm_version else ""
+    what = "; ".join(f"version {v}: {text}" for v, text in changes)
+    if manifest.kind == "experiment":
+        todo = (
+            "Start it again with --overwrite (deepufm's files there are replaced), or run "
+            "into another --out to keep it as it is"
+        )
+    else:
+        todo = "Start it again with overwrite=True, or train into another directory to keep it"
+    raise ConfigError(
+        param,
+        str(run_dir),
+        f"a run directory of measurement schema version {SCHEMA_VERSION} ({manifest.kind} "
+        "runs) to continue",
+        f"{run_dir} holds the {manifest.owner} run written with schema version "
+        f"{manifest.schema}{written}, and this deepufm writes version {SCHEMA_VERSION} ({what}). "
+        f"{todo}; nothing was changed there.",
+    )
 
 
 def finish(run_dir: Path) -> None:
