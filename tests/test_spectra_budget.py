@@ -10,7 +10,8 @@ and the construction itself.
 
 Products, measured before the budget existed (``spectra.iterative_topk`` with no budget, seed 0):
 the top 12 of the ``p = 600`` operator took 8,948 products in float64 and 2,020 in float32
-(``p = 3000``, float64: 9,060).
+(``p = 3000``, float64: 9,060). Two changes: the budget, and a default basis that doubles after
+every 4 restarts without convergence (up to 4 times its size).
 """
 
 import numpy as np
@@ -93,15 +94,28 @@ def test_below_the_dense_limit_the_budget_switches_to_the_exact_route(dtype):
     )
 
 
-def test_the_default_budget_keeps_what_converged():
-    """Without a budget (default ``40 p``) the same solve converges by Lanczos as before: the
-    default does not cut short a solve that worked (8,948 products, below ``40 p = 24,000``)."""
-    p = 600
-    op = HardSpectrum(p, torch.float64)
+@pytest.mark.parametrize(
+    ("p", "dtype", "before"),
+    [(600, torch.float64, 8948), (600, torch.float32, 2020), (3000, torch.float64, 9060)],
+)
+def test_without_a_budget_the_grown_basis_converges_in_fewer_products(p, dtype, before):
+    """The default (budget ``40 p``, basis allowed to grow): Lanczos converges and certifies,
+    agrees with the construction, and within half the products it needed with a fixed basis
+    (``before``, measured on the old engine; now 2,020, 772 and 2,180)."""
+    op = HardSpectrum(p, dtype)
     result = spectra.topk(op, K)
-    assert result.certified and result.certificate.method.startswith("lanczos")
-    assert p < result.certificate.products <= spectra.default_max_products(p)
-    assert float((result.values.double() - op.values[:K]).abs().max()) <= 1e-8 * 2000
+    cert = result.certificate
+    assert result.certified and cert.method.startswith("lanczos") and not cert.budget_spent
+    assert cert.products == op.calls <= before / 2
+    bound = (1e-8 if dtype == torch.float64 else 10 * eps(dtype)) * 2000
+    assert float((result.values.double() - op.values[:K]).abs().max()) <= bound
+
+
+def test_a_given_basis_is_not_grown():
+    """``max_basis`` given: the basis stays as asked (the old solve, products as before)."""
+    op = HardSpectrum(600, torch.float64)
+    result = spectra.lanczos_topk(op, K, max_basis=44)
+    assert result.certified and result.certificate.products == op.calls == 8948
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])

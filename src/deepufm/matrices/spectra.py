@@ -402,6 +402,11 @@ def gram_lift(values: Tensor, lifted: Tensor, size: int) -> tuple[Tensor, Tensor
     return values[keep], vecs / torch.linalg.norm(vecs, dim=0)
 
 
+# Restarts without convergence after which a default Krylov basis doubles (block_lanczos): few
+# enough that a slow spectrum is caught early, enough that what converged before is unchanged.
+GROW_AFTER = 4
+
+
 # -- the iterative route ----------------------------------------------------------------------------
 def default_block(k: int) -> int:
     """``k`` plus a margin: a block Krylov method then finds every copy of any eigenvalue that
@@ -437,8 +442,10 @@ def iterative_topk(
             a missed eigenvalue the solve restarts with a doubled block, up to
             :func:`default_block`, which is right by construction.
         max_basis: Krylov basis size before a restart; default ``max(3 k, k + 4 block)`` (as
-            ARPACK's ``2k + 1`` and more: a short basis multiplies the products). Memory:
-            ``max_basis`` vectors of ``p``.
+            ARPACK's ``2k + 1`` and more: a short basis multiplies the products), doubled after
+            every 4 restarts without convergence up to 4 times that (a packed top against a
+            wide spectrum: 8,948 products become 1,948, tests/test_spectra_budget.py). Memory:
+            ``max_basis`` vectors of ``p`` (a given ``max_basis`` is never grown).
         strict: raise :class:`~deepufm.errors.UncertifiedError` instead of flagging.
         max_products: the products the Lanczos solves may spend (all attempts together; the
             certificate's check, at most ``48 + 2 k``, comes on top, and a solve always gets
@@ -467,8 +474,10 @@ def iterative_topk(
             )
         enough = b_now >= default_block(k) or b_now >= (p - k) // 3
         try:
+            # a default basis may grow on a slow spectrum (block_lanczos); a given one may not
+            grow = None if max_basis is not None else min(4 * m_max, p - b_now)
             theta, V, used, scale, converged = block_lanczos(
-                op, k, tol, seed + 7919 * attempt, b_now, m_max, budget=budget - products
+                op, k, tol, seed + 7919 * attempt, b_now, m_max, budget=budget - products, grow=grow
             )
         except ConvergenceError as exc:  # a block too small for a cluster can stall: grow it
             products += exc.products
@@ -581,6 +590,7 @@ def block_lanczos(
     block: int,
     max_basis: int,
     budget: int | None = None,
+    grow: int | None = None,
 ) -> tuple[Tensor, Tensor, int, float, bool]:
     """The raw solve behind :func:`iterative_topk`: the ``k`` largest Ritz pairs of thick-
     restarted (Krylov–Schur) block Lanczos with full re-orthogonalisation, converged when every
@@ -589,10 +599,16 @@ def block_lanczos(
     ``(k,)``, vectors ``(p, k)``, the products used, ``max|theta|`` and whether it converged:
     ``False`` when the next block would pass ``budget`` products (the basis always gets the
     blocks that hold ``k`` vectors), and then the pairs are the best Ritz pairs so far.
-    Uncertified: a block smaller than a multiplicity finds only ``block`` copies."""
+    ``grow``: after every :data:`GROW_AFTER` restarts without convergence the basis doubles, up
+    to ``grow`` vectors (``None``: fixed). A thick restart keeps about half the basis, so each
+    cycle adds only ``max_basis / 2`` Krylov directions; when the wanted gap is small against
+    the spread (a top near 12 above a bottom near -2000) that is too few, and a longer basis
+    converges in a few times fewer products. Solves that converge within those restarts are
+    unchanged. Uncertified: a block smaller than a multiplicity finds only ``block`` copies."""
     state = _BlockKrylov.start(op, block, max_basis, seed)
     eps = torch.finfo(op.dtype).eps
     p = op.size
+    restarts = 0
     for _ in range(max(50, 20 * p // block)):
         if budget is not None and state.filled >= k and state.products + block > budget:
             theta, Y = state.ritz_pairs()  # (no residuals: the basis may just have restarted)
@@ -610,6 +626,10 @@ def block_lanczos(
             return theta[:k], state.vectors(Y[:, :k]), state.products, scale, True
         if full:
             state.restart(theta, Y, keep=min(k + (max_basis - k) // 2, max_basis - block))
+            restarts += 1
+            if grow is not None and restarts % GROW_AFTER == 0 and max_basis < grow:
+                max_basis = min(2 * max_basis, grow)
+                state.reserve(max_basis)
     raise ConvergenceError("block Lanczos", k, state.products)
 
 
@@ -712,6 +732,14 @@ class _BlockKrylov:
     def vectors(self, Y: Tensor) -> Tensor:
         """Ritz vectors ``Q Y``: ``(p, columns of Y)``."""
         return self.basis().T @ Y
+
+    def reserve(self, m_max: int) -> None:
+        """Room for a basis of ``m_max`` vectors and the next block (the filled part is kept)."""
+        b, hi = self.nxt.shape[0], self.filled
+        Qt = self.Qt.new_zeros(m_max + b, self.Qt.shape[1])
+        T = self.T.new_zeros(m_max + b, m_max + b)
+        Qt[:hi], T[:hi, :hi] = self.Qt[:hi], self.T[:hi, :hi]
+        self.Qt, self.T = Qt, T
 
     def restart(self, theta: Tensor, Y: Tensor, keep: int) -> None:
         """Compress the basis to the ``keep`` leading Ritz vectors; ``nxt`` is unchanged and still
