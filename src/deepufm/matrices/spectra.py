@@ -34,7 +34,8 @@ The rank rule: an eigenvalue (or singular value) is a numerical zero when
 ``|lambda| <= size * eps(dtype) * max|lambda|`` (the rule of LAPACK-based ``matrix_rank``), one
 rule for every rank, outlier count and null-space completion in deepufm (:func:`rank_rtol`).
 
-The dense/iterative switch is :func:`use_exact`, the only one.
+The dense/iterative switch is :func:`use_exact`, the only one up front; the iterative route's
+budget (above) is the only one after the fact.
 """
 
 from __future__ import annotations
