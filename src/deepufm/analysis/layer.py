@@ -55,7 +55,7 @@ from torch import Tensor, nn
 
 from deepufm.analysis.capture import Downstream
 from deepufm.analysis.inputs import Batches, DataLoss
-from deepufm.errors import ConfigError, ConvergenceError
+from deepufm.errors import ConfigError, ConvergenceError, UncertifiedError
 from deepufm.matrices import (
     DenseSymmetric,
     JacobianGram,
@@ -70,6 +70,7 @@ from deepufm.matrices import (
     numerical_rank,
 )
 from deepufm.matrices.spectra import certify, dense_eigh, use_exact
+from deepufm.matrices.spectra import topk as spectra_topk
 from deepufm.metrics import (
     effective_rank,
     eigvec_alignment_matrix,
@@ -272,6 +273,21 @@ def _dense_topk(M: DenseSymmetric, k: int, method: str, products: int, strict: b
     return vals, result
 
 
+def _residual_topk(E: SymmetricMatrix, k: int, p: int, strict: bool) -> TopK:
+    """Top-``k`` of ``E`` (or ``-E``) with the dense crossover as the product budget when the
+    layer can be formed (``p <= MAX_DENSE``): the engine decomposes ``E`` exactly itself up to
+    its ``DENSE_LIMIT``; above it a spent budget raises :class:`ConvergenceError` so that the
+    caller forms ``H`` densely. Larger layers get the engine's default budget and are flagged
+    (``strict``: raised) when it is spent."""
+    result = spectra_topk(E, k, max_products=p if p <= MAX_DENSE else None)
+    cert = result.certificate
+    if cert.budget_spent and not cert.certified and p <= MAX_DENSE:
+        raise ConvergenceError("block Lanczos", k, cert.products, "Its budget was spent.")
+    if strict and not cert.certified:
+        raise UncertifiedError(cert.method, k, cert.reason)
+    return result
+
+
 def _failed_certificate(exc: ConvergenceError, k: int) -> dict:
     """:func:`certificate_summary`'s fields for a top-``k`` whose solver did not converge."""
     return {
@@ -407,8 +423,8 @@ def layer_record(
                 vals = None
                 top = op.topk(keep, strict=strict)
                 E = op - G  # a sum of operators: products of H and of the structured G
-                e_top = E.topk(keep, strict=strict)
-                e_low = (-1.0 * E).topk(keep, strict=strict)
+                e_top = _residual_topk(E, keep, p, strict)
+                e_low = _residual_topk(-1.0 * E, keep, p, strict)
                 certificates["residual_top"] = certificate_summary(e_top)
                 certificates["residual_bottom"] = certificate_summary(e_low)
                 # the extreme pairs of E together: orthonormal (distinct eigenvalues, 2k < p)
@@ -434,9 +450,9 @@ def layer_record(
                     "E = H - G as an operator"
                 )
             except ConvergenceError as exc:
-                # Block Lanczos can stall on E's top end when E's spectrum is dominated by large
-                # negative values; a layer this small is cheaper formed densely (p products)
-                # than certified iteratively anyway.
+                # Block Lanczos is slow on E's top end when E's spectrum is dominated by large
+                # negative values: past p products (its budget, _residual_topk) a layer this
+                # small is cheaper formed densely, H once for H, E and every eigenvalue of both.
                 if p <= MAX_DENSE:
                     dense_route = True
                     fallback = (

@@ -84,7 +84,9 @@ class SymmetricMatrix(ABC):
         vals, vecs, nxt = spectra.dense_topk(self.dense(), k)
         return vals, vecs, nxt, "dense"
 
-    def topk(self, k: int, tol: float = 0.0, *, strict: bool = False) -> TopK:
+    def topk(
+        self, k: int, tol: float = 0.0, *, strict: bool = False, max_products: int | None = None
+    ) -> TopK:
         """The ``k`` algebraically largest eigenpairs, every copy of a repeated eigenvalue
         included: a :class:`~deepufm.matrices.spectra.TopK` that unpacks as
         ``(values (k,) descending, vectors (p, k) orthonormal)`` and carries its certificate.
@@ -92,9 +94,10 @@ class SymmetricMatrix(ABC):
         The exact route of the matrix's structure while its exact eigenproblem is small
         (:func:`~deepufm.matrices.spectra.use_exact`), else certified block Lanczos on
         :meth:`matmat`. ``tol``: relative residual tolerance (0 = working accuracy);
-        ``strict``: raise instead of returning an uncertified result.
+        ``strict``: raise instead of returning an uncertified result. ``max_products``: the
+        product budget of the iterative route (:func:`~deepufm.matrices.spectra.iterative_topk`).
         """
-        return spectra.topk(self, k, tol, strict=strict)
+        return spectra.topk(self, k, tol, strict=strict, max_products=max_products)
 
     def as_linear_operator(self) -> LinearOperator:
         """A float64 ``scipy.sparse.linalg.LinearOperator`` (symmetric)."""

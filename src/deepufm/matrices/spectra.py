@@ -23,17 +23,25 @@ on a spread spectrum (804 against 10,452 for the top 100 of a small CNN's Hessia
 2,724 for a ReLU layer Hessian, benchmarks/README.md). What cannot be certified is flagged
 (``certified=False`` with a reason), or raised with ``strict=True``.
 
+The iterative route spends at most ``max_products`` products (default ``40 p``; ``p``, the dense
+crossover, for spectra known to be hard). A spectrum whose top ``k`` are packed against a wide
+negative end (``E = H - G`` of a curved layer: top near 12, bottom near -2000) has a relative gap
+of about ``1e-3`` and Lanczos needs many restarts; once the budget is spent, an operator of at
+most :data:`DENSE_LIMIT` rows is decomposed exactly, a larger one returns its best Ritz pairs
+flagged ``budget_spent`` with the budget in the reason.
+
 The rank rule: an eigenvalue (or singular value) is a numerical zero when
 ``|lambda| <= size * eps(dtype) * max|lambda|`` (the rule of LAPACK-based ``matrix_rank``), one
 rule for every rank, outlier count and null-space completion in deepufm (:func:`rank_rtol`).
 
-The dense/iterative switch is :func:`use_exact`, the only one.
+The dense/iterative switch is :func:`use_exact`, the only one up front; the iterative route's
+budget (above) is the only one after the fact.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, NamedTuple
 
 import scipy.linalg
@@ -130,6 +138,9 @@ class Certificate:
         certified: every residual and the orthogonality within ``tol * scale`` and
             ``deflated_max <= theta_k + tol * scale``.
         reason: why not, when not certified.
+        budget_spent: the iterative solve stopped at its product budget (``max_products``)
+            before converging; the pairs are its best Ritz pairs (then ``certified`` is False
+            unless the certificate happens to hold all the same).
     """
 
     residuals: Tensor
@@ -141,6 +152,7 @@ class Certificate:
     products: int
     certified: bool
     reason: str = ""
+    budget_spent: bool = False
 
 
 class _Pair(NamedTuple):
@@ -203,6 +215,34 @@ def check_tol(tol: object) -> float:
     if isinstance(tol, bool) or not isinstance(tol, int | float) or not 0 <= tol < 1:
         raise ConfigError("tol", tol, "a number in [0, 1) (0 = working accuracy)")
     return float(tol)
+
+
+def default_max_products(size: int) -> int:
+    """The default product budget of the iterative route for a ``size x size`` operator:
+    ``40 size``, twice the iteration cap one Lanczos solve always had, so that what converged
+    before does not stop at the budget now, a retry with a grown block included (a top 14 of
+    multiplicity 6 at ``p = 80`` takes 1,726 products; a certified top 20 of small layer
+    Hessians up to about ``11 p``). ``max_products = size`` is the dense crossover instead:
+    forming the matrix costs ``size`` products, so switching there costs at most twice the
+    cheaper route — the choice for a spectrum known to be hard (a packed top against a wide
+    negative end, as ``E = H - G`` of a curved layer)."""
+    return 40 * size
+
+
+def check_max_products(max_products: object) -> int | None:
+    """``max_products`` validated as a product budget: ``None`` (the default budget,
+    :func:`default_max_products`) or a positive integer (a ``bool`` is rejected).
+
+    Raises:
+        ConfigError: anything else.
+    """
+    if max_products is None:
+        return None
+    if isinstance(max_products, bool) or not isinstance(max_products, int) or max_products < 1:
+        raise ConfigError(
+            "max_products", max_products, "an integer >= 1, or None (the size-derived default)"
+        )
+    return max_products
 
 
 # -- certification ----------------------------------------------------------------------------------
@@ -363,6 +403,11 @@ def gram_lift(values: Tensor, lifted: Tensor, size: int) -> tuple[Tensor, Tensor
     return values[keep], vecs / torch.linalg.norm(vecs, dim=0)
 
 
+# Restarts without convergence after which a default Krylov basis doubles (block_lanczos): few
+# enough that a slow spectrum is caught early, enough that what converged before is unchanged.
+GROW_AFTER = 4
+
+
 # -- the iterative route ----------------------------------------------------------------------------
 def default_block(k: int) -> int:
     """``k`` plus a margin: a block Krylov method then finds every copy of any eigenvalue that
@@ -384,6 +429,7 @@ def iterative_topk(
     block: int | None = None,
     max_basis: int | None = None,
     strict: bool = False,
+    max_products: int | None = None,
 ) -> TopK:
     """Certified top-``k`` by thick-restarted block Lanczos (module docstring).
 
@@ -397,11 +443,24 @@ def iterative_topk(
             a missed eigenvalue the solve restarts with a doubled block, up to
             :func:`default_block`, which is right by construction.
         max_basis: Krylov basis size before a restart; default ``max(3 k, k + 4 block)`` (as
-            ARPACK's ``2k + 1`` and more: a short basis multiplies the products). Memory:
-            ``max_basis`` vectors of ``p``.
+            ARPACK's ``2k + 1`` and more: a short basis multiplies the products), doubled after
+            every 4 restarts without convergence up to 4 times that (a packed top against a
+            wide spectrum: 8,948 products become 1,948, tests/test_spectra_budget.py). Memory:
+            ``max_basis`` vectors of ``p`` (a given ``max_basis`` is never grown).
         strict: raise :class:`~deepufm.errors.UncertifiedError` instead of flagging.
+        max_products: the products the Lanczos solves may spend (all attempts together; the
+            certificate's check, at most ``48 + 2 k``, comes on top, and a solve always gets
+            the blocks that hold ``k`` Ritz vectors); default :func:`default_max_products`.
+            Once spent, an operator of at most :data:`DENSE_LIMIT` rows is decomposed exactly
+            (``op.exact_topk``, ``p`` products when matrix-free): Lanczos on a spectrum whose
+            top ``k`` are packed against a wide negative end converges slowly, and past the
+            dense cost the exact route is the cheaper one. A larger operator returns the best
+            Ritz pairs with ``budget_spent`` set and the budget in the ``reason``.
     """
     p = op.size
+    budget = check_max_products(max_products)
+    budget = default_max_products(p) if budget is None else budget
+    formable = p <= DENSE_LIMIT
     b = first_block(k) if block is None else block
     if isinstance(b, bool) or not isinstance(b, int) or b < 1:
         raise ConfigError("block", block, "an integer >= 1")
@@ -416,14 +475,22 @@ def iterative_topk(
             )
         enough = b_now >= default_block(k) or b_now >= (p - k) // 3
         try:
-            theta, V, used, scale = block_lanczos(op, k, tol, seed + 7919 * attempt, b_now, m_max)
+            # a default basis may grow on a slow spectrum (block_lanczos); a given one may not
+            grow = None if max_basis is not None else min(4 * m_max, p - b_now)
+            theta, V, used, scale, converged = block_lanczos(
+                op, k, tol, seed + 7919 * attempt, b_now, m_max, budget=budget - products, grow=grow
+            )
         except ConvergenceError as exc:  # a block too small for a cluster can stall: grow it
             products += exc.products
+            if formable and products >= budget:
+                return _formed(op, k, tol, products, budget, strict)
             if enough:
                 raise ConvergenceError("block Lanczos", k, products) from None
             b, attempt = min(2 * b_now, default_block(k)), attempt + 1
             continue
         products += used
+        if not converged and formable:
+            return _formed(op, k, tol, products, budget, strict)
         check, check_products = deflated_ritz_max(op, V, seed + 104729 * (attempt + 1))
         products += check_products
         result = certify(
@@ -436,12 +503,43 @@ def iterative_topk(
             products=products,
             scale=scale,
         )
+        spent = not converged or (not result.certified and not enough and products >= budget)
+        if spent and formable:
+            return _formed(op, k, tol, products, budget, strict)
+        if spent:  # the budget is the caller's: say so, the certificate keeps its own verdict
+            cert = result.certificate
+            why = (
+                f"the product budget max_products={budget} was spent before block Lanczos converged"
+            )
+            result = TopK(
+                result.values,
+                result.vectors,
+                replace(
+                    cert, budget_spent=True, reason="; ".join(filter(None, [why, cert.reason]))
+                ),
+            )
+            break
         if result.certified or enough:
             break
         b, attempt = min(2 * b_now, default_block(k)), attempt + 1
     if strict and not result.certified:
         raise UncertifiedError(result.certificate.method, k, result.certificate.reason)
     return result
+
+
+def _formed(op: SymmetricMatrix, k: int, tol: float, spent: int, budget: int, strict: bool) -> TopK:
+    """The exact route after block Lanczos spent its budget (``spent`` products of ``budget``)."""
+    vals, vecs, nxt, method = op.exact_topk(k)
+    return certify(
+        op,
+        vals,
+        vecs,
+        deflated_max=nxt,
+        method=f"{method} (block Lanczos spent its budget of {budget} products)",
+        tol=tol,
+        products=spent + (op.size if op.matrix_free else 0),
+        strict=strict,
+    )
 
 
 def deflated_ritz_max(
@@ -486,18 +584,37 @@ def deflated_ritz_max(
 
 
 def block_lanczos(
-    op: SymmetricMatrix, k: int, tol: float, seed: int, block: int, max_basis: int
-) -> tuple[Tensor, Tensor, int, float]:
+    op: SymmetricMatrix,
+    k: int,
+    tol: float,
+    seed: int,
+    block: int,
+    max_basis: int,
+    budget: int | None = None,
+    grow: int | None = None,
+) -> tuple[Tensor, Tensor, int, float, bool]:
     """The raw solve behind :func:`iterative_topk`: the ``k`` largest Ritz pairs of thick-
     restarted (Krylov–Schur) block Lanczos with full re-orthogonalisation, converged when every
     residual ``||M x_i - theta_i x_i|| <= max(tol |theta_i|, 1000 eps max|theta|)`` (read off the
     Krylov relation ``M Q = Q T + Q_next B E^T`` without extra products). Returns values
-    ``(k,)``, vectors ``(p, k)``, the products used and ``max|theta|``. Uncertified: a block
-    smaller than a multiplicity finds only ``block`` copies."""
+    ``(k,)``, vectors ``(p, k)``, the products used, ``max|theta|`` and whether it converged:
+    ``False`` when the next block would pass ``budget`` products (the basis always gets the
+    blocks that hold ``k`` vectors), and then the pairs are the best Ritz pairs so far.
+    ``grow``: after every :data:`GROW_AFTER` restarts without convergence the basis doubles, up
+    to ``grow`` vectors (``None``: fixed). A thick restart keeps about half the basis, so each
+    cycle adds only ``max_basis / 2`` Krylov directions; when the wanted gap is small against
+    the spread (a top near 12 above a bottom near -2000) that is too few, and a longer basis
+    converges in a few times fewer products. Solves that converge within those restarts are
+    unchanged. Uncertified: a block smaller than a multiplicity finds only ``block`` copies."""
     state = _BlockKrylov.start(op, block, max_basis, seed)
     eps = torch.finfo(op.dtype).eps
     p = op.size
+    restarts = 0
     for _ in range(max(50, 20 * p // block)):
+        if budget is not None and state.filled >= k and state.products + block > budget:
+            theta, Y = state.ritz_pairs()  # (no residuals: the basis may just have restarted)
+            scale = float(theta.abs().max())
+            return theta[:k], state.vectors(Y[:, :k]), state.products, scale, False
         state.extend()
         full = state.filled + block > max_basis  # basis and next block must fit
         # accept convergence only once the basis could hold the missed copies of a cluster
@@ -507,9 +624,13 @@ def block_lanczos(
         scale = float(theta.abs().max())
         floor = 1e3 * eps * scale
         if bool((resid[:k] <= torch.clamp(tol * theta[:k].abs(), min=floor)).all()):
-            return theta[:k], state.vectors(Y[:, :k]), state.products, scale
+            return theta[:k], state.vectors(Y[:, :k]), state.products, scale, True
         if full:
             state.restart(theta, Y, keep=min(k + (max_basis - k) // 2, max_basis - block))
+            restarts += 1
+            if grow is not None and restarts % GROW_AFTER == 0 and max_basis < grow:
+                max_basis = min(2 * max_basis, grow)
+                state.reserve(max_basis)
     raise ConvergenceError("block Lanczos", k, state.products)
 
 
@@ -604,9 +725,22 @@ class _BlockKrylov:
         resid = torch.linalg.norm(self.B @ Y[self.last : hi], dim=0)
         return theta, Y, resid
 
+    def ritz_pairs(self) -> tuple[Tensor, Tensor]:
+        """Ritz values (descending) and their coordinates in the basis, at any point."""
+        theta, Y = torch.linalg.eigh(self.T[: self.filled, : self.filled])
+        return theta.flip(0), Y.flip(1)
+
     def vectors(self, Y: Tensor) -> Tensor:
         """Ritz vectors ``Q Y``: ``(p, columns of Y)``."""
         return self.basis().T @ Y
+
+    def reserve(self, m_max: int) -> None:
+        """Room for a basis of ``m_max`` vectors and the next block (the filled part is kept)."""
+        b, hi = self.nxt.shape[0], self.filled
+        Qt = self.Qt.new_zeros(m_max + b, self.Qt.shape[1])
+        T = self.T.new_zeros(m_max + b, m_max + b)
+        Qt[:hi], T[:hi, :hi] = self.Qt[:hi], self.T[:hi, :hi]
+        self.Qt, self.T = Qt, T
 
     def restart(self, theta: Tensor, Y: Tensor, keep: int) -> None:
         """Compress the basis to the ``keep`` leading Ritz vectors; ``nxt`` is unchanged and still
@@ -618,16 +752,26 @@ class _BlockKrylov:
 
 
 # -- the entry point ----------------------------------------------------------------------------------
-def topk(op: SymmetricMatrix, k: int, tol: float = 0.0, *, strict: bool = False) -> TopK:
+def topk(
+    op: SymmetricMatrix,
+    k: int,
+    tol: float = 0.0,
+    *,
+    strict: bool = False,
+    max_products: int | None = None,
+) -> TopK:
     """Certified top-``k`` of ``op`` by the route its structure allows: ``op.exact_topk(k)`` when
     :func:`use_exact` says its smallest exact eigenproblem (``op.exact_size``) is cheaper, else
-    :func:`iterative_topk`."""
+    :func:`iterative_topk` with the product budget ``max_products`` (default
+    :func:`default_max_products`; spent, a small operator is decomposed exactly, a large one
+    flagged)."""
     k = check_k(k, op.size)
     tol = check_tol(tol)
+    max_products = check_max_products(max_products)
     if use_exact(op.exact_size, k, op.matrix_free):
         vals, vecs, nxt, method = op.exact_topk(k)
         return certify(op, vals, vecs, deflated_max=nxt, method=method, tol=tol, strict=strict)
-    return iterative_topk(op, k, tol, strict=strict)
+    return iterative_topk(op, k, tol, strict=strict, max_products=max_products)
 
 
 def lanczos_topk(
@@ -638,14 +782,17 @@ def lanczos_topk(
     block: int | None = None,
     max_basis: int | None = None,
     strict: bool = False,
+    max_products: int | None = None,
 ) -> TopK:
     """The ``k`` algebraically largest eigenpairs by certified block Lanczos on ``op.matmat``
-    (:func:`iterative_topk`), whatever the size: ``(k,)`` descending, ``(p, k)``, certificate.
+    (:func:`iterative_topk`, with its product budget ``max_products``), whatever the size:
+    ``(k,)`` descending, ``(p, k)``, certificate.
 
     When ``k`` is a large part of ``p`` (``4 k >= p``) a Krylov basis could not be much smaller
     than ``p``: the answer then comes from a dense decomposition of ``op`` (``p`` products)."""
     k = check_k(k, op.size)
     tol = check_tol(tol)
+    max_products = check_max_products(max_products)
     if 4 * k >= op.size:
         vals, vecs, nxt = dense_topk(op.dense(), k)
         return certify(
@@ -658,4 +805,13 @@ def lanczos_topk(
             products=op.size,
             strict=strict,
         )
-    return iterative_topk(op, k, tol, seed=seed, block=block, max_basis=max_basis, strict=strict)
+    return iterative_topk(
+        op,
+        k,
+        tol,
+        seed=seed,
+        block=block,
+        max_basis=max_basis,
+        strict=strict,
+        max_products=max_products,
+    )
