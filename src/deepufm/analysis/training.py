@@ -400,7 +400,8 @@ def draw_overtraining(
     figs = []
     for name, rows in by_layer.items():
         pos = rows[0][1].get("layer", "?")
-        where = f"'{name}', layer {pos}"
+        # the module's name first: "layer N" is its position among the probed layers only
+        where = f"'{name}', probed layer {pos}"
         ep, f = _array(rows, "eigvec_alignment")
         _, g = _array(rows, "gradient_coefficients")
         if f.size and g.size:
