@@ -100,8 +100,23 @@ def loss_factor(z, loss):
     return p.sqrt()[:, :, None] * (eye - p[:, None, :])
 
 
+@pytest.fixture
+def iterative_route(monkeypatch):
+    """Small operators here stand for large ones: the engine's switch (which would decompose
+    these few-hundred-parameter Hessians exactly) sends matrix-free operators to the certified
+    block Lanczos route unless k is a large part of them, so that route is what is tested."""
+    from deepufm.analysis import layer as layer_mod
+    from deepufm.matrices import spectra
+
+    def switch(size, k, matrix_free=False):
+        return 4 * k >= size or (not matrix_free and size <= spectra.DENSE_LIMIT)
+
+    monkeypatch.setattr(spectra, "use_exact", switch)
+    monkeypatch.setattr(layer_mod, "use_exact", switch)
+
+
 @pytest.mark.parametrize("loss", ["mse", "ce"])
-def test_matrix_free_topk_and_residual_match_dense_autograd(loss):
+def test_matrix_free_topk_and_residual_match_dense_autograd(loss, iterative_route):
     torch.manual_seed(0)
     net = Head().double()
     X, y = unbalanced()
@@ -109,7 +124,7 @@ def test_matrix_free_topk_and_residual_match_dense_autograd(loss):
     r = a.layers[0]
     p = 12 * 21
     assert r["parameters"] == p and r["hessian_route"].startswith("matrix-free")
-    assert "lanczos" in r["hessian_certificate"]["method"]  # p = 252: the iterative route
+    assert "lanczos" in r["hessian_certificate"]["method"]  # p = 252: the route forced
     assert r["hessian_certificate"]["certified"] and r["uncertified"] == []
     Hd = dense_layer_hessian(net, X, y, "fc", loss)
     ref = torch.linalg.eigvalsh(Hd).flip(0)
@@ -196,7 +211,7 @@ def flat_hessian(net, X, y, loss, k):
 
 
 @pytest.mark.parametrize("loss", ["mse", "ce"])
-def test_network_topk_and_density_against_dense_hessian(loss, tmp_path):
+def test_network_topk_and_density_against_dense_hessian(loss, tmp_path, iterative_route):
     k = 3
     torch.manual_seed(4)
     net = nn.Sequential(nn.Linear(6, 10), nn.Tanh(), nn.Linear(10, k)).double()  # 103 params
@@ -312,7 +327,7 @@ def test_papyan_decomposition_is_the_balanced_labelled_form():
     assert type(dec.within).__name__ == "JacobianGram"  # the class-major row-space form kept
 
 
-def test_uncertified_results_are_flagged_and_strict_raises(monkeypatch, tmp_path):
+def test_uncertified_results_are_flagged_and_strict_raises(monkeypatch, tmp_path, iterative_route):
     """When the engine's check finds a missed eigenvalue (forced here) the top-k is not
     certified: the record and the report say so, and strict=True raises instead."""
     from deepufm.matrices import spectra
@@ -376,3 +391,17 @@ def test_refusals_of_inputs_and_options():
     ]:
         with pytest.raises(ConfigError, match=match):
             deepufm.analyze(net, (X, y), "mse", **kw)
+
+
+def test_a_small_curved_layer_is_decomposed_exactly_by_default():
+    """p = 252, top 20: a certified block Lanczos would cost more Hessian-vector products than
+    forming H (252), so the engine's switch forms it; the numbers are exact (dense autograd)."""
+    torch.manual_seed(0)
+    net = Head().double()
+    X, y = unbalanced()
+    r = deepufm.analyze(net, (X, y), "mse", layers=["fc"]).layers[0]
+    assert r["hessian_certificate"]["method"].startswith("dense")
+    assert r["hessian_certificate"]["certified"] and r["residual_relative_norm_stderr"] == 0.0
+    ref = torch.linalg.eigvalsh(dense_layer_hessian(net, X, y, "fc", "mse")).flip(0)
+    got = torch.tensor(r["hessian_eigenvalues"])
+    assert float((got - ref[: K * K + K]).abs().max()) <= 1e-10 * float(ref.abs().max())
