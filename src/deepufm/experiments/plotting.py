@@ -252,6 +252,23 @@ def _integer_log_counts(ax) -> None:
     ax.yaxis.set_minor_locator(NullLocator())  # minor ticks cost drawing time, say nothing
 
 
+def title_with_zero_count(ax, title: str, parts: dict, zero_rtol: float) -> None:
+    """``title`` with the zero count of ``parts`` (:func:`zero_text`) as a second title line:
+    stated in the panel, never over the data."""
+    ax.set_title(title, y=1.08)
+    ax.text(
+        0.5,
+        1.0,
+        zero_text(parts["zeros"], zero_rtol, parts["negative"]),
+        transform=ax.transAxes,
+        ha="center",
+        va="bottom",
+        fontsize=7,
+        color="0.25",
+        gid="zero-count",
+    ).set_in_layout(False)  # may be wider than a narrow panel: not a reason to shrink it
+
+
 def spectrum_panel(
     ax,
     eigenvalues: np.ndarray,
@@ -308,19 +325,7 @@ def spectrum_panel(
         ax.axvline(predicted, color="k", ls="--", lw=0.9, label=f"predicted {predicted:.4g}")
     ax.set_xlabel("eigenvalue")
     ax.set_ylabel("count")
-    ax.set_title(title, y=1.08)
-    # the zero count as a second title line: stated in the panel, never over the data
-    ax.text(
-        0.5,
-        1.0,
-        zero_text(parts["zeros"], zero_rtol, parts["negative"]),
-        transform=ax.transAxes,
-        ha="center",
-        va="bottom",
-        fontsize=7,
-        color="0.25",
-        gid="zero-count",
-    ).set_in_layout(False)  # may be wider than a narrow panel: not a reason to shrink it
+    title_with_zero_count(ax, title, parts, zero_rtol)
     return {**parts, "clusters": groups}
 
 
@@ -446,18 +451,7 @@ def scree_figure(
     ax.set_xlabel("index")
     ax.set_ylabel("eigenvalue")
     plain_log(ax.yaxis)
-    ax.set_title(title, y=1.08)
-    ax.text(
-        0.5,
-        1.0,
-        zero_text(parts["zeros"], zero_rtol, parts["negative"]),
-        transform=ax.transAxes,
-        ha="center",
-        va="bottom",
-        fontsize=7,
-        color="0.25",
-        gid="zero-count",
-    ).set_in_layout(False)  # may be wider than a narrow panel: not a reason to shrink it
+    title_with_zero_count(ax, title, parts, zero_rtol)
     legend_below(ax)
     return fig
 
