@@ -21,7 +21,7 @@ import torch
 from deepufm import DeepUFM, UFMConfig
 from deepufm.models import functional as Fn
 from deepufm.training import FusedStep, TrainConfig, TrainState, train
-from deepufm.training.gradients import step_threads, torch_threads
+from deepufm.training.gradients import step_engine, step_threads, torch_threads
 
 CONFIGS = ((4, 5, 32, 4), (4, 25, 64, 4), (10, 100, 128, 4))
 LR, LAM = 0.1, 1e-3
@@ -32,14 +32,15 @@ def default_steps(cfg: UFMConfig) -> int:
     return 2000 if cfg.d * cfg.d * cfg.N <= 64 * 64 * 100 else 400
 
 
-def time_ours(cfg: UFMConfig, steps: int) -> tuple[float, float]:
-    """The fused step as `train()` drives it: one `run` call between probes, its thread policy."""
+def time_ours(cfg: UFMConfig, steps: int, engine: str = "auto") -> tuple[float, float]:
+    """The fused step as `train()` drives it: one `run` call between probes, its thread policy;
+    ``engine`` forces the library of the plain ReLU loop (`FusedStep`)."""
     model = DeepUFM.init(cfg)
-    step = FusedStep(cfg, model.params)
+    step = FusedStep(cfg, model.params, engine=engine)
     with torch.no_grad(), torch_threads(step_threads(cfg)):
         step.run(LR, 10)
         model = DeepUFM.init(cfg)
-        step = FusedStep(cfg, model.params)
+        step = FusedStep(cfg, model.params, engine=engine)
         t = time.perf_counter()
         step.run(LR, steps)
         dt = time.perf_counter() - t
@@ -167,14 +168,19 @@ def main() -> None:
     for cfg in cells:
         steps = args.steps or default_steps(cfg)
         # Interleaved, so that load from other processes hits both sides alike.
-        ours, eager = [], []
+        # The NumPy engine's cells also time the same loop in torch (the "torch engine" column).
+        two = step_engine(cfg, torch.device("cpu")) == "numpy"
+        ours, eager, torch_engine = [], [], []
         for _ in range(args.repeats):
             ours.append(time_ours(cfg, steps))
+            if two:
+                torch_engine.append(time_ours(cfg, steps, engine="torch")[0])
             eager.append(time_eager(cfg, steps))
         probes = time_ours_with_probes(cfg, steps)
         rows.append(
             [cfg, steps, statistics.median(r for r, _ in ours), probes,
-             statistics.median(r for r, _ in eager), ours[-1][1], eager[-1][1]]
+             statistics.median(r for r, _ in eager), ours[-1][1], eager[-1][1],
+             statistics.median(torch_engine) if two else None]
         )  # fmt: skip
     for row in rows:
         row.append(time_jax(row[0], row[1], args.repeats))
@@ -184,18 +190,20 @@ def main() -> None:
         f"lr={LR}, lam={LAM}; median of {args.repeats}\n"
     )
     print(
-        "| K | n | d | L | act | dtype | steps | deepufm steps/s | with probes | eager steps/s | "
-        "JAX steps/s (compile s) | deepufm/eager | deepufm/JAX | max rel. loss diff |"
+        "| K | n | d | L | act | dtype | steps | deepufm steps/s | engine | torch engine steps/s | "
+        "with probes | eager steps/s | JAX steps/s (compile s) | deepufm/eager | deepufm/JAX | "
+        "max rel. loss diff |"
     )
-    print("|---" * 14 + "|")
-    for cfg, steps, ours, probes, eager, loss_ours, loss_eager, jx in rows:
+    print("|---" * 16 + "|")
+    for cfg, steps, ours, probes, eager, loss_ours, loss_eager, torch_eng, jx in rows:
         losses = [loss_ours, loss_eager] + ([jx[1]] if jx else [])
         diff = max(abs(x - loss_ours) / abs(loss_ours) for x in losses)
         jcol = f"{jx[0]:.0f} ({jx[2]:.1f})" if jx else "n/a"
         jratio = f"{ours / jx[0]:.1f}x" if jx else "n/a"
         print(
             f"| {cfg.K} | {cfg.n} | {cfg.d} | {cfg.L} | {cfg.activation} | {cfg.dtype} | {steps} | "
-            f"{ours:.0f} | "
+            f"{ours:.0f} | {'numpy' if torch_eng else 'torch'} | "
+            f"{f'{torch_eng:.0f}' if torch_eng else '='} | "
             f"{probes:.0f} | {eager:.0f} | {jcol} | {ours / eager:.1f}x | {jratio} | {diff:.1e} |"
         )
 

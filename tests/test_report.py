@@ -58,7 +58,7 @@ def test_run_all_writes_a_self_contained_index_linking_every_report(tmp_path, mo
         return Report(f"{name} title", "", results=results)
 
     monkeypatch.setattr(run_cli, "run_experiment", fake)
-    assert main(["run", "all", "--out", str(tmp_path), "--quiet"]) == 0
+    assert main(["run", "all", "--out", str(tmp_path), "--quiet", "--jobs", "1"]) == 0
     page = html_page(tmp_path / "index.html")
     assert page.links == ["linear-ufm/report.html", "relu-ufm/report.html", "ce-ufm/report.html"]
     assert page.tables[0][1:] == [

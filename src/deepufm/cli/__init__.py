@@ -63,6 +63,42 @@ def _is_out_of_memory(exc: BaseException) -> bool:
     )
 
 
+def error_status(command: str, exc: BaseException) -> int | None:
+    """Print ``exc`` as the command line reports it (one paragraph, no traceback) and return the
+    exit status; ``None`` for an exception that is not ours to explain (the caller re-raises)."""
+    if isinstance(exc, Interrupted):
+        _say(command, "stopped", exc)
+        return exc.exit_code
+    if isinstance(exc, RunError):
+        _say(command, "error", exc)
+        return 1
+    if isinstance(exc, DeepUFMError):
+        _say(command, "error", exc)
+        return 2
+    if isinstance(exc, KeyboardInterrupt):
+        _say(command, "error", "interrupted (nothing was being trained, no checkpoint written)")
+        return 130
+    if isinstance(exc, BrokenPipeError):
+        # The reader went away (`deepufm run --list | head`): not an error of ours.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return 0
+    if isinstance(exc, OSError):
+        where = f" ({exc.filename})" if exc.filename else ""
+        code = errno.errorcode.get(exc.errno or 0, "")
+        _say(command, "error", f"{exc.strerror or exc}{where} [{code}]")
+        return 1
+    if _is_out_of_memory(exc):
+        _say(
+            command,
+            "error",
+            f"out of memory ({str(exc).splitlines()[0][:300]}). Choose a smaller problem "
+            "(d, n, K, per-class) or a device with more memory.",
+        )
+        return 1
+    return None
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run the ``deepufm`` command line with ``argv`` (default ``sys.argv[1:]``); exit status."""
     parser = build_parser()
@@ -78,41 +114,12 @@ def main(argv: list[str] | None = None) -> int:
     old_show, warnings.showwarning = warnings.showwarning, show
     try:
         return int(args.func(args) or 0)
-    except Interrupted as exc:
-        _say(command, "stopped", exc)
-        return exc.exit_code
-    except RunError as exc:
-        _say(command, "error", exc)
-        return 1
-    except DeepUFMError as exc:
-        _say(command, "error", exc)
-        return 2
-    except KeyboardInterrupt:
-        _say(command, "error", "interrupted (nothing was being trained, no checkpoint written)")
-        return 130
-    except BrokenPipeError:
-        # The reader went away (`deepufm run --list | head`): not an error of ours.
-        devnull = os.open(os.devnull, os.O_WRONLY)
-        os.dup2(devnull, sys.stdout.fileno())
-        return 0
-    except OSError as exc:
-        where = f" ({exc.filename})" if exc.filename else ""
-        code = errno.errorcode.get(exc.errno or 0, "")
-        _say(command, "error", f"{exc.strerror or exc}{where} [{code}]")
-        return 1
     except Exception as exc:
-        if not _is_out_of_memory(exc):
+        status = error_status(command, exc)
+        if status is None:
             raise
-        _say(
-            command,
-            "error",
-            f"out of memory ({str(exc).splitlines()[0][:300]}). Choose a smaller problem "
-            "(d, n, K, per-class) or a device with more memory.",
-        )
-        return 1
+        return status
+    except KeyboardInterrupt as exc:
+        return error_status(command, exc)  # type: ignore[return-value]
     finally:
         warnings.showwarning = old_show
-
-
-if __name__ == "__main__":  # pragma: no cover
-    sys.exit(main())

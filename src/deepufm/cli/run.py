@@ -5,10 +5,12 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from deepufm.cli.jobs import Job, run_jobs, usable_cpus
 from deepufm.data import DATA_DIR_ENV
 from deepufm.errors import ConfigError
 from deepufm.experiments.registry import EXPERIMENTS, PRESETS, catalogue, run_experiment
 from deepufm.experiments.report import write_index
+from deepufm.models.config import resolve_device
 
 
 def register(sub) -> None:
@@ -68,6 +70,13 @@ def register(sub) -> None:
         help="write into an --out that holds another kind of run or files deepufm did not "
         "write: deepufm's own files there are replaced, the others left alone",
     )
+    p.add_argument(
+        "--jobs",
+        type=int,
+        help="'all' only: experiments run side by side in this many processes, the CPUs "
+        "shared among them (default: one per experiment, at most one per CPU; 1 runs them one "
+        "after another in this process, with progress bars)",
+    )
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=run)
 
@@ -89,22 +98,54 @@ def run(args: argparse.Namespace) -> int:
             "experiment", args.experiment, f"one of {', '.join(EXPERIMENTS)}, all (see --list)"
         )
     base = Path(args.out) if args.out else Path("runs") / f"{args.experiment}-{args.preset}"
-    done = []
-    for name in names:
-        out = base / name if args.experiment == "all" else base
-        report = run_experiment(
-            name,
-            args.preset,
-            out,
-            progress=not args.quiet,
-            data_dir=args.data_dir,
-            per_class=args.per_class,
-            device=args.device,
-            overwrite=args.overwrite,
-            resume=True if args.resume else None,
+    cpus = usable_cpus()
+    if args.jobs is not None and not 1 <= args.jobs <= max(cpus, len(names)):
+        raise ConfigError(
+            "--jobs", args.jobs, f"an integer in [1, {max(cpus, len(names))}] (CPUs here: {cpus})"
         )
-        done.append((name, report))
-        print(f"{name}: {report.headline}; report: {out / 'report.html'}")
+    workers = min(len(names), cpus) if args.jobs is None else min(args.jobs, len(names))
+    options = dict(
+        data_dir=args.data_dir,
+        per_class=args.per_class,
+        # Checked here, once, so that a missing CUDA device is refused before any process starts.
+        device=None if args.device is None else str(resolve_device(args.device, "--device")),
+        overwrite=args.overwrite,
+        resume=True if args.resume else None,
+    )
+    outs = {name: base / name if args.experiment == "all" else base for name in names}
+    if workers == 1:
+        done = []
+        for name in names:
+            report = run_experiment(
+                name, args.preset, outs[name], progress=not args.quiet, **options
+            )
+            done.append((name, report))
+            print(f"{name}: {report.headline}; report: {outs[name] / 'report.html'}")
+    else:
+        threads = max(1, cpus // workers)
+        print(
+            f"running {', '.join(names)} in {workers} processes ({threads} thread"
+            f"{'s' if threads > 1 else ''} each, no progress bars)",
+            flush=True,
+        )
+        jobs = [
+            Job(n, dict(preset=args.preset, out=outs[n], progress=False, **options)) for n in names
+        ]
+
+        def say(o):
+            if o.status == 0:
+                line = f"{o.name}: {o.report.headline}; report: {outs[o.name] / 'report.html'}"
+                print(line, flush=True)
+
+        outcomes, signum = run_jobs(jobs, workers, threads, run_experiment, on_done=say)
+        done = [(o.name, o.report) for o in outcomes if o.status == 0]
+        failed = [o for o in outcomes if o.status != 0]
+        if signum is not None or failed:
+            if done and args.experiment == "all":
+                print(f"index (finished experiments only): {write_index(base, done)}")
+            if signum is not None:
+                return 128 + signum
+            return max(o.status for o in failed)
     if args.experiment == "all":
         print(f"index: {write_index(base, done)}")
     return 0
