@@ -190,7 +190,8 @@ def main() -> None:
         f"lr={LR}, lam={LAM}; median of {args.repeats}\n"
     )
     print(
-        "| K | n | d | L | act | dtype | steps | deepufm steps/s | engine | torch engine steps/s | "
+        "| K | n | d | L | act | dtype | steps | deepufm steps/s | engine | torch engine steps/s "
+        "(deepufm/it) | "
         "with probes | eager steps/s | JAX steps/s (compile s) | deepufm/eager | deepufm/JAX | "
         "max rel. loss diff |"
     )
@@ -203,7 +204,7 @@ def main() -> None:
         print(
             f"| {cfg.K} | {cfg.n} | {cfg.d} | {cfg.L} | {cfg.activation} | {cfg.dtype} | {steps} | "
             f"{ours:.0f} | {'numpy' if torch_eng else 'torch'} | "
-            f"{f'{torch_eng:.0f}' if torch_eng else '='} | "
+            f"{f'{torch_eng:.0f} ({ours / torch_eng:.2f}x)' if torch_eng else '='} | "
             f"{probes:.0f} | {eager:.0f} | {jcol} | {ours / eager:.1f}x | {jratio} | {diff:.1e} |"
         )
 

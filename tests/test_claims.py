@@ -108,7 +108,7 @@ def test_departures_of_the_ufm_presets():
     rows = {r[0]: r for r in departures.departure_rows(departures.RELU_SETTINGS, config)}
     assert rows["L (layers)"][1:3] == [4, 5]
     assert rows["L (layers)"][4] == "yes (from the provisional value)"
-    assert rows["epochs"][1:3] == [100_000, 1_000_000]
+    assert rows["epochs"][1:3] == [200_000, 1_000_000]
     assert rows["studied layer l"][1:3] == [3, 4]
     with pytest.raises(ValueError, match="status='guess'"):
         departures.PaperSetting("x", 1, "guess", "", lambda c: 1)
