@@ -5,6 +5,7 @@ before ``H1`` used the new ``W_L`` (an O(lr) error the L = 3 tests could not see
 """
 
 import dataclasses
+import signal
 
 import pytest
 import torch
@@ -113,3 +114,36 @@ def test_numpy_step_bumps_autograd_versions():
         FusedStep(cfg, model.params, engine="numpy")(0.1)
     with pytest.raises(RuntimeError, match="modified by an inplace operation"):
         y.backward()
+
+
+def _sigint_at(epoch):
+    from deepufm.training.probes import loss_probe
+
+    def probe(model, e):
+        if e == epoch:
+            signal.raise_signal(signal.SIGINT)  # a real Ctrl-C in the middle of training
+        return loss_probe(model, e)
+
+    return probe
+
+
+def test_numpy_engine_run_interrupted_and_resumed_is_bitwise_equal(tmp_path):
+    # The plain ReLU loop of the trainer takes the NumPy route; a resumed run must take it again
+    # and end on exactly the uninterrupted run's parameters.
+    from deepufm.errors import Interrupted
+    from deepufm.training import TrainConfig, resume_run, start_run
+    from deepufm.training import rundir as rd
+    from deepufm.training.gradients import step_engine
+
+    cfg = UFMConfig(K=3, n=4, d=9, L=3, activation="relu", lam=0.01, device="cpu", seed=2)
+    assert step_engine(cfg, torch.device("cpu")) == "numpy"
+    tcfg = TrainConfig(lr=0.3, epochs=3000, probes_per_decade=4)
+    ref = start_run(cfg, tcfg, tmp_path / "ref")
+    with pytest.raises(Interrupted):
+        start_run(cfg, tcfg, tmp_path / "cut", probes=(_sigint_at(100),))
+    assert 100 <= rd.load_checkpoint(tmp_path / "cut")["epoch"] < 3000
+    back = resume_run(tmp_path / "cut")
+    assert back.epoch == ref.epoch == 3000
+    for p, q in zip(ref.model.params, back.model.params, strict=True):
+        assert torch.equal(p, q)
+    assert float((ref.model.params[1] - DeepUFM.init(cfg).params[1]).abs().max()) > 1e-2

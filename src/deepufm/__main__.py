@@ -2,4 +2,6 @@ import sys
 
 from deepufm.cli import main
 
-sys.exit(main())
+# The guard keeps spawned worker processes (`run all --jobs`) from running the command again.
+if __name__ == "__main__":
+    sys.exit(main())

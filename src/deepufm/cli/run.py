@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import signal
 from pathlib import Path
 
+from deepufm.cli import _say
 from deepufm.cli.jobs import Job, run_jobs, usable_cpus
 from deepufm.data import DATA_DIR_ENV
 from deepufm.errors import ConfigError
@@ -144,6 +146,12 @@ def run(args: argparse.Namespace) -> int:
             if done and args.experiment == "all":
                 print(f"index (finished experiments only): {write_index(base, done)}")
             if signum is not None:
+                _say(
+                    "run",
+                    "stopped",
+                    f"{signal.Signals(signum).name}: run the same command again to continue the "
+                    "unfinished experiments from their checkpoints (finished ones run again)",
+                )
                 return 128 + signum
             return max(o.status for o in failed)
     if args.experiment == "all":
