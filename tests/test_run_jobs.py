@@ -7,6 +7,7 @@ import os
 import signal
 import threading
 import time
+import warnings
 from pathlib import Path
 
 import pytest
@@ -29,6 +30,8 @@ def fake_experiment(name, preset="quick", out=None, progress=True, **kwargs):
         raise ConfigError("--thing", 7, "an integer in [0, 3]")
     if name == "killed":
         os.kill(os.getpid(), signal.SIGKILL)
+    if name == "b":
+        warnings.warn("b ends at the zero solution", stacklevel=1)
     if out is not None:
         Path(out).mkdir(parents=True, exist_ok=True)
     title = f"{name} {preset} progress={progress} threads={torch.get_num_threads()}"
@@ -60,6 +63,7 @@ def test_jobs_report_in_order_with_their_threads_and_failures(capfd):
     assert outcomes[1].report is None
     err = capfd.readouterr().err
     assert "deepufm run bad: error: invalid --thing=7: expected an integer in [0, 3]." in err
+    assert "deepufm run b: warning: b ends at the zero solution" in err  # as the CLI says it
 
 
 def test_a_signal_is_forwarded_once_and_stops_new_jobs(tmp_path):

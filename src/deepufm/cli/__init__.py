@@ -11,12 +11,14 @@ diverged run); 1 a runtime failure (``RunError``: full disk, read-only target, o
 from __future__ import annotations
 
 import argparse
+import contextlib
 import errno
 import importlib
 import os
 import sys
 import textwrap
 import warnings
+from collections.abc import Iterator
 
 from deepufm import __version__
 from deepufm.errors import DeepUFMError, Interrupted, RunError
@@ -99,6 +101,20 @@ def error_status(command: str, exc: BaseException) -> int | None:
     return None
 
 
+@contextlib.contextmanager
+def warnings_said(command: str) -> Iterator[None]:
+    """Within the block, warnings print as ``deepufm COMMAND: warning: ...`` (no source line)."""
+
+    def show(message, category, filename, lineno, file=None, line=None):
+        _say(command, "warning", message)
+
+    old_show, warnings.showwarning = warnings.showwarning, show
+    try:
+        yield
+    finally:
+        warnings.showwarning = old_show
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run the ``deepufm`` command line with ``argv`` (default ``sys.argv[1:]``); exit status."""
     parser = build_parser()
@@ -107,19 +123,13 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 2
     command = args.command
-
-    def show(message, category, filename, lineno, file=None, line=None):
-        _say(command, "warning", message)
-
-    old_show, warnings.showwarning = warnings.showwarning, show
-    try:
-        return int(args.func(args) or 0)
-    except Exception as exc:
-        status = error_status(command, exc)
-        if status is None:
-            raise
-        return status
-    except KeyboardInterrupt as exc:
-        return error_status(command, exc)  # type: ignore[return-value]
-    finally:
-        warnings.showwarning = old_show
+    with warnings_said(command):
+        try:
+            return int(args.func(args) or 0)
+        except Exception as exc:
+            status = error_status(command, exc)
+            if status is None:
+                raise
+            return status
+        except KeyboardInterrupt as exc:
+            return error_status(command, exc)  # type: ignore[return-value]

@@ -114,11 +114,11 @@ def _child(conn: Connection, target: Callable[..., Any], job: Job, threads: int)
     import threadpoolctl
     import torch
 
-    from deepufm.cli import error_status
+    from deepufm.cli import error_status, warnings_said
 
     torch.set_num_threads(threads)
     try:
-        with threadpoolctl.threadpool_limits(limits=threads):
+        with threadpoolctl.threadpool_limits(limits=threads), warnings_said(f"run {job.name}"):
             report = target(job.name, **job.kwargs)
         result = (0, report)
     except BaseException as exc:
