@@ -110,7 +110,8 @@ def run_jobs(
 
 def _child(conn: Connection, target: Callable[..., Any], job: Job, threads: int) -> None:
     # Own session: signals come only from the parent, which forwards each one once.
-    os.setsid()
+    if hasattr(os, "setsid"):
+        os.setsid()
     import threadpoolctl
     import torch
 
