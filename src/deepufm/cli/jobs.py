@@ -14,6 +14,7 @@ started after a signal.
 
 from __future__ import annotations
 
+import contextlib
 import multiprocessing as mp
 import os
 import signal
@@ -69,11 +70,14 @@ def run_jobs(
     outcomes: dict[str, Outcome] = {}
     received: list[int] = []
 
+    def send_signal(proc, signum: int) -> None:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(proc.pid, signum)
+
     def forward(signum, frame):
         received.append(signum)
         for _, proc in running.values():
-            if proc.is_alive():
-                os.kill(proc.pid, signum)
+            send_signal(proc, signum)
 
     old = {s: signal.signal(s, forward) for s in SIGNALS}
     try:
@@ -87,6 +91,8 @@ def run_jobs(
                 proc.start()
                 send.close()  # the child holds the other end: EOF here when it exits
                 running[recv] = (job, proc)
+                for signum in received:  # arrived while it was starting: not yet forwarded
+                    send_signal(proc, signum)
             for conn in wait(list(running)):
                 job, proc = running.pop(conn)
                 try:
