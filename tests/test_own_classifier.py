@@ -680,3 +680,26 @@ def test_a_large_layer_whose_residual_stalls_is_flagged_not_fatal(monkeypatch, t
     assert float((got - ref[: K * K + K]).abs().max()) <= 1e-8 * float(ref.abs().max())
     with pytest.raises(ConvergenceError):
         deepufm.analyze(net, (X, y), "mse", layers=["head.0"], strict=True)
+
+
+def test_compiled_models_and_submodules_are_measured_eagerly():
+    # A torch.compile'd graph skips forward hooks: without running it eagerly the analysis saw
+    # no layer at all. The whole model compiled, and one submodule compiled, against dense
+    # autograd on the uncompiled network (the same parameters).
+    net = make_net()
+    X, y = make_data()
+    whole = deepufm.analyze(torch.compile(net), (X, y), "mse", full=True)
+    assert [r["name"] for r in whole.layers] == [
+        "_orig_mod.body.0",
+        "_orig_mod.head.0",
+        "_orig_mod.head.2",
+    ]
+    inner = copy.deepcopy(net)
+    inner.head = torch.compile(inner.head)
+    part = deepufm.analyze(inner, (X, y), "mse", full=True)
+    assert [r["name"] for r in part.layers] == ["body.0", "head._orig_mod.0", "head._orig_mod.2"]
+    for a, b, name in zip(whole.layers, part.layers, ["body.0", "head.0", "head.2"]):
+        ref = torch.linalg.eigvalsh(dense_layer_hessian(net, X, y, name, "mse")).flip(0)
+        tol = 1e-10 * float(ref.abs().max())
+        for r in (a, b):
+            assert float((torch.tensor(r["hessian_eigenvalues"]) - ref).abs().max()) <= tol

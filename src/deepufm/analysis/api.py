@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import functools
 import json
 import math
 from collections.abc import Sequence
@@ -180,6 +181,37 @@ def _check_not_tied(model: nn.Module, name: str) -> None:
             )
 
 
+def _eagerly(fn):
+    """``fn`` with every ``torch.compile``'d module (the model or any submodule) run eagerly.
+
+    A compiled graph skips the forward hooks that capture each layer's input and output (the
+    analysis would see no layer at all), and the curvature products go through ``torch.func``,
+    which wants eager code: the compiled modules are measured as the functions they compile,
+    under the names ``named_modules()`` gives them (``_orig_mod.0``, ...).
+    """
+
+    @functools.wraps(fn)
+    def eager(model, *args, **kwargs):
+        set_stance = getattr(torch.compiler, "set_stance", None)
+        if set_stance is not None:
+            with set_stance("force_eager"):
+                return fn(model, *args, **kwargs)
+        if isinstance(model, nn.Module) and any(
+            type(m).__name__ == "OptimizedModule" for m in model.modules()
+        ):
+            raise ConfigError(
+                "model",
+                type(model).__name__,
+                "an uncompiled model (pass `compiled._orig_mod`: the same parameters)",
+                f"torch {torch.__version__} cannot run a torch.compile'd module eagerly, and its "
+                "compiled graph skips the hooks the analysis needs.",
+            )
+        return fn(model, *args, **kwargs)
+
+    return eager
+
+
+@_eagerly
 def analyze(
     model: nn.Module,
     data,
@@ -204,7 +236,8 @@ def analyze(
     Args:
         model: any ``nn.Module`` mapping a batch ``X`` to logits ``(B, K)``. Measured in eval mode
             (BatchNorm running statistics, no dropout) on its own device; its parameters, buffers
-            and train/eval flags are left as they were.
+            and train/eval flags are left as they were. ``torch.compile``'d models and
+            submodules are run eagerly (their layers keep the ``_orig_mod`` in their names).
         data (tuple | Iterable): ``(X, y)`` tensors (or numpy arrays) or a re-iterable of
             ``(X, y)`` batches (a ``DataLoader`` without shuffling or augmentation: the data are
             read twice and must agree); ``y`` integer labels in ``[0, K)``, any order, classes
