@@ -275,6 +275,14 @@ def analyze(
     """
     if not isinstance(model, nn.Module):
         raise ConfigError("model", type(model).__name__, "a torch.nn.Module")
+    if isinstance(model, torch.jit.ScriptModule):
+        raise ConfigError(
+            "model",
+            type(model).__name__,
+            "an eager torch.nn.Module (the model as it was before torch.jit.script or trace)",
+            "A TorchScript module's layers are not nn.Linear modules, and torch.func cannot "
+            "differentiate through it.",
+        )
     if route not in ROUTES:
         raise ConfigError("route", route, f"one of {', '.join(ROUTES)}")
     check_residual_probes(residual_probes)
