@@ -314,7 +314,7 @@ def test_refusals_name_what_and_why():
         deepufm.analyze(net, (X, y), "mse", layers=["nope"])
     with pytest.raises(ConfigError, match=r"at least one nn\.Linear"):
         deepufm.analyze(nn.Sequential(nn.Flatten(), nn.Tanh()), (X, y), "mse")
-    with pytest.raises(ConfigError, match="before torch.jit.script"):
+    with pytest.raises(ConfigError, match=r"before torch\.jit\.script"):
         deepufm.analyze(torch.jit.trace(net, X), (X, y), "mse")
     with pytest.raises(ConfigError, match="at least 2 logits"):
         deepufm.analyze(nn.Linear(5, 1).double(), (X, torch.zeros(23, dtype=torch.long)), "mse")
