@@ -92,3 +92,30 @@ def test_errors_are_absolute_and_relative_and_a_zero_prediction_has_no_relative_
     path.write_text("[]")
     with pytest.raises(DeepUFMError, match="config, constants and results"):
         read_results(path)
+
+
+def test_run_all_never_replaces_an_index_it_did_not_write(tmp_path, monkeypatch, capsys):
+    calls = []
+
+    def fake(name, preset, out, **kwargs):
+        calls.append(name)
+        out.mkdir(parents=True, exist_ok=True)
+        return Report(f"{name} title", "", results=[compare("q", "T", 1, 1.0, 1.0, 0.1)])
+
+    monkeypatch.setattr(run_cli, "run_experiment", fake)
+    mine = tmp_path / "index.html"
+    mine.write_text("<html>my notes</html>")
+    assert main(["run", "all", "--out", str(tmp_path), "--quiet", "--jobs", "1"]) == 2
+    err = " ".join(capsys.readouterr().err.split())
+    assert f"invalid --out='{tmp_path}'" in err and "was not written by deepufm" in err
+    assert mine.read_text() == "<html>my notes</html>" and calls == []  # refused before any run
+    other = tmp_path / "elsewhere.html"
+    other.write_text("x")
+    mine.unlink()
+    mine.symlink_to(other)
+    assert main(["run", "all", "--out", str(tmp_path), "--quiet", "--jobs", "1"]) == 2
+    assert other.read_text() == "x" and calls == []
+    mine.unlink()
+    for _ in range(2):  # its own index is replaced on the next run
+        assert main(["run", "all", "--out", str(tmp_path), "--quiet", "--jobs", "1"]) == 0
+    assert html_page(mine).links[0] == "linear-ufm/report.html" and len(calls) == 6

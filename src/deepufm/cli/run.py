@@ -11,7 +11,7 @@ from deepufm.cli.jobs import Job, run_jobs, usable_cpus
 from deepufm.data import DATA_DIR_ENV
 from deepufm.errors import ConfigError
 from deepufm.experiments.registry import EXPERIMENTS, PRESETS, catalogue, run_experiment
-from deepufm.experiments.report import write_index
+from deepufm.experiments.report import check_index, write_index
 from deepufm.models.config import resolve_device
 
 
@@ -115,6 +115,8 @@ def run(args: argparse.Namespace) -> int:
         resume=True if args.resume else None,
     )
     outs = {name: base / name if args.experiment == "all" else base for name in names}
+    if args.experiment == "all":
+        check_index(base)  # before any experiment runs, not after minutes of them
     if workers == 1:
         done = []
         for name in names:

@@ -225,11 +225,40 @@ def _html(out_dir: Path, report: Report) -> str:
     return "\n".join(parts)
 
 
+INDEX_TITLE = "<title>deepufm run all</title>"
+"""What marks an ``index.html`` as written by :func:`write_index` (the ``run all`` directory has
+no manifest of its own: its experiments each have theirs)."""
+
+
+def check_index(out_dir: Path, param: str = "--out") -> None:
+    """Refuse ``out_dir`` when it holds an ``index.html`` that deepufm did not write: the index
+    would replace it, and files deepufm did not write are never replaced."""
+    path = Path(out_dir) / "index.html"
+    if not (path.exists() or path.is_symlink()):
+        return
+    ours = path.is_file() and not path.is_symlink()
+    if ours:
+        with path.open(encoding="utf-8", errors="replace") as f:
+            ours = INDEX_TITLE in f.read(4096)
+    if not ours:
+        from deepufm.errors import ConfigError
+
+        raise ConfigError(
+            param,
+            str(out_dir),
+            "a directory without an index.html of its own (deepufm run all writes its index there)",
+            f"{path} was not written by deepufm: move it or choose another {param}; files "
+            "deepufm did not write are never replaced.",
+        )
+
+
 def write_index(out_dir: Path, entries: Sequence[tuple[str, Report]]) -> Path:
     """``index.html`` of a ``deepufm run all`` directory: for each ``(subdirectory, report)``
     a link to its ``report.html`` with the title and headline result. Self-contained like the
-    reports (no stylesheet or script to fetch), written atomically."""
+    reports (no stylesheet or script to fetch), written atomically; an ``index.html`` deepufm
+    did not write is refused (:func:`check_index`), not replaced."""
     out_dir = Path(out_dir)
+    check_index(out_dir)
     rows = "".join(
         f"<tr><td><a href='{html.escape(name, quote=True)}/report.html'>{html.escape(name)}</a>"
         f"</td><td>{html.escape(rep.title)}</td><td>{html.escape(rep.headline)}</td></tr>"
@@ -238,7 +267,7 @@ def write_index(out_dir: Path, entries: Sequence[tuple[str, Report]]) -> Path:
     page = "\n".join(
         [
             "<!doctype html><html><head><meta charset='utf-8'>",
-            f"<title>deepufm run all</title><style>{STYLE}</style></head><body>",
+            f"{INDEX_TITLE}<style>{STYLE}</style></head><body>",
             "<h1>deepufm run all</h1><div class='table'><table>",
             f"<tr><th>experiment</th><th>report</th><th>result</th></tr>{rows}",
             "</table></div></body></html>",
