@@ -106,3 +106,12 @@ def test_jobs_out_of_range_is_refused_before_anything_runs(tmp_path, monkeypatch
     assert main(["run", "all", "--out", str(tmp_path / "r"), "--jobs", jobs]) == 2
     assert f"--jobs={jobs}" in capsys.readouterr().err.replace("\n", " ").replace("'", "")
     assert not (tmp_path / "r").exists()
+
+
+def test_run_all_refuses_a_file_as_out_once_before_any_process(tmp_path, capfd):
+    target = tmp_path / "f"
+    target.write_text("mine")
+    assert main(["run", "all", "--out", str(target), "--jobs", "2"]) == 2
+    err = capfd.readouterr().err
+    assert err.count("expected a directory path") == 1 and "is a file" in err
+    assert target.read_text() == "mine"

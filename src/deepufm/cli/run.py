@@ -13,6 +13,7 @@ from deepufm.errors import ConfigError
 from deepufm.experiments.registry import EXPERIMENTS, PRESETS, catalogue, run_experiment
 from deepufm.experiments.report import check_index, write_index
 from deepufm.models.config import resolve_device
+from deepufm.training.manifest import check_directory
 
 
 def register(sub) -> None:
@@ -115,8 +116,9 @@ def run(args: argparse.Namespace) -> int:
         resume=True if args.resume else None,
     )
     outs = {name: base / name if args.experiment == "all" else base for name in names}
-    if args.experiment == "all":
-        check_index(base)  # before any experiment runs, not after minutes of them
+    if args.experiment == "all":  # checked once, before any experiment (or process) starts
+        check_directory(base)
+        check_index(base)
     if workers == 1:
         done = []
         for name in names:
