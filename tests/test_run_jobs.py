@@ -112,6 +112,6 @@ def test_run_all_refuses_a_file_as_out_once_before_any_process(tmp_path, capfd):
     target = tmp_path / "f"
     target.write_text("mine")
     assert main(["run", "all", "--out", str(target), "--jobs", "2"]) == 2
-    err = capfd.readouterr().err
+    err = " ".join(capfd.readouterr().err.split())
     assert err.count("expected a directory path") == 1 and "is a file" in err
     assert target.read_text() == "mine"
