@@ -119,6 +119,10 @@ def run(args: argparse.Namespace) -> int:
     if args.experiment == "all":  # checked once, before any experiment (or process) starts
         check_directory(base)
         check_index(base)
+
+    def say(name: str, report) -> None:
+        print(f"{name}: {report.headline}; report: {outs[name] / 'report.html'}", flush=True)
+
     if workers == 1:
         done = []
         for name in names:
@@ -126,7 +130,7 @@ def run(args: argparse.Namespace) -> int:
                 name, args.preset, outs[name], progress=not args.quiet, **options
             )
             done.append((name, report))
-            print(f"{name}: {report.headline}; report: {outs[name] / 'report.html'}")
+            say(name, report)
     else:
         threads = max(1, cpus // workers)
         print(
@@ -137,13 +141,10 @@ def run(args: argparse.Namespace) -> int:
         jobs = [
             Job(n, dict(preset=args.preset, out=outs[n], progress=False, **options)) for n in names
         ]
-
-        def say(o):
-            if o.status == 0:
-                line = f"{o.name}: {o.report.headline}; report: {outs[o.name] / 'report.html'}"
-                print(line, flush=True)
-
-        outcomes, signum = run_jobs(jobs, workers, threads, run_experiment, on_done=say)
+        outcomes, signum = run_jobs(
+            jobs, workers, threads, run_experiment,
+            on_done=lambda o: say(o.name, o.report) if o.status == 0 else None,
+        )  # fmt: skip
         done = [(o.name, o.report) for o in outcomes if o.status == 0]
         failed = [o for o in outcomes if o.status != 0]
         if signum is not None or failed:

@@ -10,6 +10,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from deepufm.errors import ConfigError
 from deepufm.experiments.results import Result
 from deepufm.training.rundir import write_text
 
@@ -241,8 +242,6 @@ def check_index(out_dir: Path, param: str = "--out") -> None:
         with path.open(encoding="utf-8", errors="replace") as f:
             ours = INDEX_TITLE in f.read(4096)
     if not ours:
-        from deepufm.errors import ConfigError
-
         raise ConfigError(
             param,
             str(out_dir),

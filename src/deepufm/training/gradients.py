@@ -22,6 +22,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from deepufm.errors import ConfigError
 from deepufm.models import functional as Fn
 from deepufm.models.config import UFMConfig
 
@@ -109,8 +110,13 @@ def step_engine(config: UFMConfig, device: torch.device, momentum: float = 0.0) 
     configuration alone, so a resumed run takes the same route and stays bitwise identical.
     """
     small = step_work(config) < SINGLE_THREAD_WORK
-    relu_plain = config.activation == "relu" and momentum == 0
-    return "numpy" if device.type == "cpu" and small and relu_plain else "torch"
+    numpy = device.type == "cpu" and small and _has_numpy_loop(config, momentum)
+    return "numpy" if numpy else "torch"
+
+
+def _has_numpy_loop(config: UFMConfig, momentum: float) -> bool:
+    """Only the plain (no-momentum) ReLU loop has a NumPy form; the others run in torch."""
+    return config.activation == "relu" and momentum == 0
 
 
 @contextmanager
@@ -154,16 +160,14 @@ class FusedStep:
         buffers: list[Tensor] | None = None,
         engine: Engine = "auto",
     ) -> None:
-        from deepufm.errors import ConfigError
-
         if engine not in ENGINES:
             raise ConfigError("engine", engine, f"one of {', '.join(ENGINES)}")
         device = params[0].device
+        if engine == "numpy" and device.type != "cpu":
+            raise ConfigError("engine", engine, f"'torch' for parameters on {device}")
         if engine == "auto":
             engine = step_engine(config, device, momentum)  # type: ignore[assignment]
-        elif engine == "numpy" and device.type != "cpu":
-            raise ConfigError("engine", engine, f"'torch' for parameters on {device}")
-        self.engine = engine
+        self.engine = engine if _has_numpy_loop(config, momentum) else "torch"
         self.config = config
         self.params = params
         self.lams = (config.lam_H, *config.lam_W)
@@ -185,7 +189,7 @@ class FusedStep:
     def run(self, lr: float, steps: int) -> None:
         """``steps`` steps at step size ``lr``."""
         linear = self.config.activation == "linear"
-        if self.engine == "numpy" and self.buffers is None and not linear:
+        if self.engine == "numpy":
             self._relu_plain_numpy(lr, steps)
             return
         with torch.inference_mode():
